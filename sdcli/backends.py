@@ -1,0 +1,447 @@
+"""Every attention backend sdcli knows, declared once.
+
+A backend is a name, a kind (exact or quantized), how to run it (a diffusers `AttentionBackendName`
+served through `dispatch_attention_fn`, or a function of its own) and a list of small checks. A check
+looks at a machine (a hardware report, see hardware.py) and, when given, one attention shape, and
+returns None or a Refusal that says why not and what to do. The first refusal is the verdict.
+
+Other packages add backends through the entry-point group `sdcli.backends`: the entry point is a
+Backend, a list of them, or a function returning either.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Callable
+
+EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
+QUANTIZED = "quantized"  # computes in lower precision on purpose (INT8/FP8): results move more
+
+# Verdicts, from best to worst. Shape refusals concern one layer, the others the whole machine.
+USABLE = "usable"
+UNSUPPORTED_SHAPE = "unsupported shape"
+NOT_INSTALLED = "not installed"
+WRONG_VERSION = "wrong version"
+BROKEN = "broken install"
+UNSUPPORTED_GPU = "unsupported on this GPU"
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention call as a backend sees it: (batch, seq, heads, head_dim) tensors."""
+
+    heads: int
+    head_dim: int
+    q_len: int | None = None
+    kv_len: int | None = None
+    dtype: str = "fp16"
+    mask: bool = False
+
+    def __str__(self) -> str:
+        seq = f" q{self.q_len}·kv{self.kv_len}" if self.q_len else ""
+        return f"{self.heads}×{self.head_dim}{seq} {self.dtype}" + (" masked" if self.mask else "")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: str
+    reason: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    backend: str
+    status: str
+    reason: str = ""
+    fix: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.status == USABLE
+
+
+class Machine:
+    """Read-only view of a hardware report, for one target device ('cuda:N' or 'cpu')."""
+
+    def __init__(self, report: dict, device: str | None = None):
+        self.report = report
+        gpus = report.get("gpus") or []
+        cuda_ok = bool(report.get("torch", {}).get("cuda_available")) and bool(gpus)
+        device = "cuda:0" if device == "cuda" else device
+        self.device = device or ("cuda:0" if cuda_ok else "cpu")
+        self.is_cuda = self.device.startswith("cuda")
+        index = int(self.device.split(":")[1]) if ":" in self.device else 0
+        self.gpu = next((g for g in gpus if g.get("index") == index), None) if self.is_cuda else None
+
+    @property
+    def compute_capability(self) -> tuple[int, int] | None:
+        cc = (self.gpu or {}).get("compute_capability")
+        return tuple(int(x) for x in cc.split(".")) if cc else None
+
+    @property
+    def gpu_label(self) -> str:
+        if not self.gpu:
+            return "CPU"
+        cc = self.gpu.get("compute_capability")
+        return f"{self.gpu['name']} (SM{cc.replace('.', '')})" if cc else self.gpu["name"]
+
+    def package(self, key: str) -> dict:
+        return self.report.get("packages", {}).get(key) or {"version": None, "import_ok": None}
+
+    def dtype_supported(self, name: str) -> bool | None:
+        return (self.report.get("dtypes", {}).get(name) or {}).get("supported")
+
+
+# ----- checks: each returns None (fine) or a Refusal -------------------------------------------------
+
+Check = Callable[[Machine, "Shape | None"], "Refusal | None"]
+
+
+def _version_tuple(v: str) -> tuple:
+    parts = []
+    for piece in v.split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():  # 0.0.29.post1 / 2.1.1rc ... stop at the first non-numeric piece
+            break
+    return tuple(parts)
+
+
+def package(key: str, pip_name: str, min_version: str | None = None, how: str = "") -> Check:
+    """The package is installed, imports, and is new enough for diffusers' wrapper."""
+    install = f"pip install '{pip_name}>={min_version}'" if min_version else f"pip install {pip_name}"
+    install += how
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        info = m.package(key)
+        if not info.get("version") and not info.get("import_ok"):
+            return Refusal(NOT_INSTALLED, f"{pip_name} is not installed", install)
+        if min_version and info.get("version") and _version_tuple(info["version"]) < _version_tuple(min_version):
+            return Refusal(WRONG_VERSION, f"{pip_name} {info['version']} is installed; diffusers needs ≥ {min_version}",
+                           install.replace("pip install", "pip install -U", 1))
+        if info.get("import_ok") is False:
+            return Refusal(BROKEN, f"{pip_name} {info.get('version') or ''} fails to import: {info.get('error')}",
+                           f"reinstall it for torch {m.package('torch').get('version')}: {install} --force-reinstall")
+        return None
+
+    check.__name__ = f"package({key})"
+    return check
+
+
+def xformers_ops(m: Machine, shape: Shape | None) -> Refusal | None:
+    info = m.package("xformers")
+    if info.get("ops_ok") is False:
+        torch_v = m.package("torch").get("version") or "?"
+        built = info.get("built_for_torch")
+        why = f"built for torch {built}, this is torch {torch_v}" if built else "its C++/CUDA extension does not load"
+        return Refusal(BROKEN, f"xformers' compiled ops don't load ({why})",
+                       "pip install xformers matching this torch (see `python -m xformers.info`)")
+    return None
+
+
+def cuda(m: Machine, shape: Shape | None) -> Refusal | None:
+    if not m.is_cuda:
+        return Refusal(UNSUPPORTED_GPU, "needs an NVIDIA GPU; this run is on the CPU", "run on a CUDA GPU")
+    return None
+
+
+def sm_at_least(major: int, minor: int = 0, what: str = "") -> Check:
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        cc = m.compute_capability
+        if m.is_cuda and cc and cc < (major, minor):
+            return Refusal(UNSUPPORTED_GPU, f"needs SM{major}{minor}+{what}; {m.gpu_label} is too old",
+                           "use another backend on this GPU (sdcli picks one with --backend auto)")
+        return None
+
+    check.__name__ = f"sm_at_least({major}.{minor})"
+    return check
+
+
+def sm_in(*ccs: tuple[int, int], what: str = "") -> Check:
+    names = "/".join(f"SM{a}{b}" for a, b in ccs)
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        cc = m.compute_capability
+        if m.is_cuda and cc and cc not in ccs:
+            return Refusal(UNSUPPORTED_GPU, f"runs only on {names}{what}; this is {m.gpu_label}",
+                           "use another backend on this GPU (sdcli picks one with --backend auto)")
+        return None
+
+    check.__name__ = f"sm_in({names})"
+    return check
+
+
+def on_cuda(inner: Check) -> Check:
+    """A limit of the CUDA kernel that torch's CPU kernel of the same name does not have."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        return inner(m, shape) if m.is_cuda else None
+
+    check.__name__ = f"on_cuda({inner.__name__})"
+    return check
+
+
+def dtypes(*allowed: str) -> Check:
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        if shape and shape.dtype not in allowed:
+            return Refusal(UNSUPPORTED_SHAPE, f"takes {'/'.join(allowed)} only, not {shape.dtype}",
+                           "run in --dtype fp16 or bf16")
+        return None
+
+    check.__name__ = f"dtypes({','.join(allowed)})"
+    return check
+
+
+def head_dim_at_most(limit: int) -> Check:
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        if shape and shape.head_dim > limit:
+            return Refusal(UNSUPPORTED_SHAPE, f"head dim {shape.head_dim} > {limit}")
+        return None
+
+    check.__name__ = f"head_dim_at_most({limit})"
+    return check
+
+
+def fp8(m: Machine, shape: Shape | None) -> Refusal | None:
+    supported = m.dtype_supported("fp8_e4m3")
+    cc = m.compute_capability
+    if m.is_cuda and (supported is False or (supported is None and cc and cc < (8, 9))):
+        return Refusal(UNSUPPORTED_GPU, f"needs fp8 (SM89+: Ada, Hopper, Blackwell); {m.gpu_label} has none",
+                       "use the int8/fp16 variant: --backend sage")
+    return None
+
+
+def no_mask(m: Machine, shape: Shape | None) -> Refusal | None:
+    if shape and shape.mask:
+        return Refusal(UNSUPPORTED_SHAPE, "takes no attention mask")
+    return None
+
+
+def torch_at_least(version: str) -> Check:
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        have = m.package("torch").get("version") or m.report.get("torch", {}).get("version")
+        if have and _version_tuple(have) < _version_tuple(version):
+            return Refusal(WRONG_VERSION, f"needs torch ≥ {version}, this is {have}", f"pip install -U 'torch>={version}'")
+        return None
+
+    check.__name__ = f"torch_at_least({version})"
+    return check
+
+
+# ----- the registry -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    name: str
+    summary: str
+    kind: str = EXACT
+    diffusers_name: str | None = None  # run through diffusers' dispatch_attention_fn under this name
+    attention: Callable | None = None  # or this: fn(q, k, v, attn_mask=None, scale=None), (B, S, H, D) layout
+    checks: list[Check] = field(default_factory=list)
+    origin: str = "sdcli"              # or the distribution that registered it
+
+    def verdict(self, machine: Machine, shape: Shape | None = None) -> Verdict:
+        for check in self.checks:
+            refusal = check(machine, shape)
+            if refusal:
+                return Verdict(self.name, refusal.status, refusal.reason, refusal.fix)
+        return Verdict(self.name, USABLE)
+
+    def run(self, q, k, v, attn_mask=None, scale=None):
+        """Attention on (batch, seq, heads, head_dim) tensors; returns the same layout."""
+        if self.attention is not None:
+            return self.attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=scale, backend=self.diffusers_name)
+
+
+_REGISTRY: dict[str, Backend] = {}
+_PLUGIN_ERRORS: dict[str, str] = {}
+_plugins_loaded = False
+ENTRY_POINT_GROUP = "sdcli.backends"
+
+
+def register(backend: Backend, replace: bool = False) -> Backend:
+    if backend.name in _REGISTRY and not replace:
+        raise ValueError(f"attention backend {backend.name!r} is already registered")
+    if backend.kind not in (EXACT, QUANTIZED):
+        raise ValueError(f"backend kind must be {EXACT!r} or {QUANTIZED!r}, not {backend.kind!r}")
+    if (backend.diffusers_name is None) == (backend.attention is None):
+        raise ValueError("a backend needs exactly one of diffusers_name or attention")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def load_plugins() -> None:
+    """Register backends that other installed packages declare. A broken plugin is reported, not fatal."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            items = obj() if callable(obj) and not isinstance(obj, Backend) else obj
+            for backend in items if isinstance(items, (list, tuple)) else [items]:
+                if backend.origin == "sdcli":
+                    backend.origin = ep.dist.name if ep.dist else ep.value
+                register(backend)
+        except Exception as exc:
+            _PLUGIN_ERRORS[ep.name] = f"{type(exc).__name__}: {exc}"
+
+
+def all_backends() -> list[Backend]:
+    load_plugins()
+    return list(_REGISTRY.values())
+
+
+def plugin_errors() -> dict[str, str]:
+    load_plugins()
+    return dict(_PLUGIN_ERRORS)
+
+
+def get(name: str) -> Backend:
+    load_plugins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown attention backend {name!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+FLASH_HOW = " --no-build-isolation  (no wheel on PyPI: builds from source, needs the CUDA toolkit)"
+half = dtypes("fp16", "bf16")
+
+for _b in [
+    Backend("sdpa", "PyTorch scaled_dot_product_attention; torch picks the kernel", diffusers_name="native"),
+    Backend("sdpa-flash", "PyTorch SDPA, FlashAttention-2 kernel only", diffusers_name="_native_flash",
+            checks=[on_cuda(sm_at_least(8, 0)), on_cuda(half), on_cuda(head_dim_at_most(256)), no_mask]),
+    Backend("sdpa-efficient", "PyTorch SDPA, memory-efficient (xformers-derived) kernel only",
+            diffusers_name="_native_efficient", checks=[cuda, sm_at_least(5, 0)]),
+    Backend("sdpa-cudnn", "PyTorch SDPA, cuDNN attention kernel only", diffusers_name="_native_cudnn",
+            checks=[cuda, sm_at_least(8, 0), half, head_dim_at_most(128)]),
+    Backend("sdpa-math", "PyTorch SDPA, reference math kernel (slow, the most exact)", diffusers_name="_native_math"),
+    Backend("flex", "PyTorch flex_attention (slow unless compiled)", diffusers_name="flex",
+            checks=[torch_at_least("2.5")]),
+    Backend("flash-attn", "FlashAttention-2 (flash-attn package)", diffusers_name="flash",
+            checks=[package("flash_attn", "flash-attn", "2.6.3", FLASH_HOW), cuda, sm_at_least(8, 0),
+                    half, head_dim_at_most(256), no_mask]),
+    Backend("flash-attn-3", "FlashAttention-3 for Hopper (flash_attn_interface)", diffusers_name="_flash_3",
+            checks=[package("flash_attn_3", "flash-attn-3", None,
+                            "  (build from flash-attention/hopper; Hopper GPUs only)"),
+                    cuda, sm_in((9, 0)), half, head_dim_at_most(256), no_mask]),
+    Backend("xformers", "xFormers memory_efficient_attention", diffusers_name="xformers",
+            checks=[package("xformers", "xformers", "0.0.29"), xformers_ops, cuda, sm_at_least(5, 0)]),
+    Backend("sage", "SageAttention 2: INT8 QK, fp16/fp8 PV", kind=QUANTIZED, diffusers_name="sage",
+            checks=[package("sageattention", "sageattention", "2.1.1",
+                            "  (2.x builds from source: github.com/thu-ml/SageAttention)"),
+                    cuda, sm_in((8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1)),
+                    half, head_dim_at_most(128), no_mask]),
+    Backend("sage-fp8", "SageAttention 2: INT8 QK, FP8 PV (Ada, Blackwell)", kind=QUANTIZED,
+            diffusers_name="_sage_qk_int8_pv_fp8_cuda",
+            checks=[package("sageattention", "sageattention", "2.1.1"), cuda, fp8,
+                    sm_in((8, 9), (12, 0), (12, 1), what=" (its SM90 twin is sage-fp8-sm90)"),
+                    half, head_dim_at_most(128), no_mask]),
+    Backend("sage-fp8-sm90", "SageAttention 2: INT8 QK, FP8 PV, Hopper kernel", kind=QUANTIZED,
+            diffusers_name="_sage_qk_int8_pv_fp8_cuda_sm90",
+            checks=[package("sageattention", "sageattention", "2.1.1"), cuda, fp8, sm_in((9, 0)),
+                    half, head_dim_at_most(128), no_mask]),
+]:
+    register(_b)
+
+
+# ----- judging a machine ------------------------------------------------------------------------------
+
+# The attention shapes of the models sdcli is for (../shared/FACTS.md): (heads, head_dim, q_len, kv_len).
+REFERENCE_SHAPES = {
+    "SD 1.x 512²": [(8, 40, 4096, 4096), (8, 40, 4096, 77), (8, 80, 1024, 1024), (8, 160, 256, 256), (8, 160, 64, 77)],
+    "SD 2.x 768²": [(5, 64, 9216, 9216), (10, 64, 2304, 77), (20, 64, 576, 576)],
+    "SDXL 1024²": [(10, 64, 4096, 4096), (10, 64, 4096, 77), (20, 64, 1024, 1024)],
+    "VAE 512²": [(1, 512, 4096, 4096)],
+}
+
+
+def default_dtype(machine: Machine) -> str:
+    """The dtype sdcli runs in by default: bf16 where measured to work on the GPU, fp16 on older GPUs."""
+    if not machine.is_cuda:
+        return "fp32"
+    return "bf16" if machine.dtype_supported("bf16") and (machine.compute_capability or (0, 0)) >= (8, 0) else "fp16"
+
+
+def serves(backend: Backend, machine: Machine, dtype: str) -> dict:
+    """Which reference layer shapes the backend takes: {family: {"ok": n, "of": m, "refused": [why, ...]}}."""
+    out = {}
+    for family, shapes in REFERENCE_SHAPES.items():
+        verdicts = [backend.verdict(machine, Shape(h, d, q, kv, dtype)) for h, d, q, kv in shapes]
+        refused = list(dict.fromkeys(v.reason for v in verdicts if not v.usable))
+        out[family] = {"ok": sum(v.usable for v in verdicts), "of": len(shapes), "refused": refused}
+    return out
+
+
+def assess(report: dict, device: str | None = None, dtype: str | None = None) -> dict:
+    """Every backend's verdict for this machine, and which Stable Diffusion layers it could serve."""
+    machine = Machine(report, device)
+    dtype = dtype or default_dtype(machine)
+    rows = []
+    for backend in all_backends():
+        v = backend.verdict(machine)
+        rows.append({
+            "backend": backend.name, "kind": backend.kind, "origin": backend.origin, "summary": backend.summary,
+            "status": v.status, "reason": v.reason, "fix": v.fix,
+            "serves": serves(backend, machine, dtype) if v.usable else None,
+        })
+    for name, error in plugin_errors().items():
+        rows.append({"backend": name, "kind": "?", "origin": "plugin", "summary": "failed to load",
+                     "status": BROKEN, "reason": error, "fix": f"fix or uninstall the package behind {name!r}",
+                     "serves": None})
+    return {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype, "backends": rows}
+
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 5, batch: int = 1) -> dict:
+    """Run one backend once at one shape: error against fp32 math, median time, and TFLOP/s."""
+    import time
+    import warnings
+
+    import torch
+
+    dtype = getattr(torch, TORCH_DTYPES[shape.dtype])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, n, shape.heads, shape.head_dim, generator=gen)
+               for n in (shape.q_len, shape.kv_len, shape.kv_len))
+    ref = get("sdpa-math").run(*(t.to(device) for t in (q, k, v))).float()
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    try:
+        with warnings.catch_warnings():  # flex warns on every eager call; its summary already says so
+            warnings.simplefilter("ignore", UserWarning)
+            out = backend.run(q, k, v).float()
+            sync()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                backend.run(q, k, v)
+                sync()
+                times.append(time.perf_counter() - t0)
+    except Exception as exc:
+        return {"backend": backend.name, "shape": str(shape), "ok": False,
+                "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]}
+    seconds = sorted(times)[len(times) // 2]
+    flops = 4 * batch * shape.heads * shape.q_len * shape.kv_len * shape.head_dim
+    return {
+        "backend": backend.name, "shape": str(shape), "ok": bool(torch.isfinite(out).all()),
+        "rel_error": ((out - ref).norm() / ref.norm()).item(), "max_abs_error": (out - ref).abs().max().item(),
+        "ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
+    }

@@ -1,0 +1,255 @@
+"""What this machine has, as one plain JSON-serialisable report.
+
+The report is data, not objects, so it can be saved on one machine and judged on another
+(`sdcli doctor --report FILE`). Nothing here may raise: a missing GPU, NVML library, driver
+function or package becomes a line in the report that says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+
+from sdcli import __version__
+
+SCHEMA = "sdcli.report/1"
+
+# (report key, distribution names to try, module to import). Several names because the same
+# kernels ship under different distribution names depending on how they were built.
+PACKAGES = [
+    ("torch", ["torch"], "torch"),
+    ("diffusers", ["diffusers"], "diffusers"),
+    ("transformers", ["transformers"], "transformers"),
+    ("triton", ["triton", "pytorch-triton"], "triton"),
+    ("flash_attn", ["flash-attn", "flash_attn"], "flash_attn"),
+    ("flash_attn_3", ["flash-attn-3", "flash_attn_3", "flashattn-hopper"], "flash_attn_interface"),
+    ("xformers", ["xformers"], "xformers"),
+    ("sageattention", ["sageattention"], "sageattention"),
+    ("pynvml", ["nvidia-ml-py", "pynvml"], "pynvml"),
+]
+
+
+def _error(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def system_info() -> dict:
+    ram_gb = None
+    try:
+        ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:  # platform.processor() is empty on most Linux systems
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "ram_gb": ram_gb,
+    }
+
+
+def package_info(dists: list[str], module: str) -> dict:
+    version = None
+    for dist in dists:
+        try:
+            version = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    info = {"version": version, "import_ok": None, "error": None}
+    if importlib.util.find_spec(module) is None:
+        info["import_ok"] = False if version else None
+        if version:
+            info["error"] = f"distribution installed but module {module!r} is missing"
+        return info
+    try:
+        mod = importlib.import_module(module)
+        info["import_ok"] = True
+        info["version"] = version or getattr(mod, "__version__", None)
+    except Exception as exc:  # an ABI mismatch raises OSError/RuntimeError/ImportError, all alike here
+        info["import_ok"] = False
+        info["error"] = _error(exc)
+    return info
+
+
+def xformers_ops() -> dict:
+    """Whether xformers' compiled ops load: its wheels pin one torch version and fail to load on others."""
+    out: dict = {"ops_ok": None, "built_for_torch": None}
+    try:
+        requires = importlib.metadata.requires("xformers") or []
+        out["built_for_torch"] = next(
+            (r.split("==", 1)[1].split(";")[0].strip() for r in requires if r.replace(" ", "").startswith("torch==")),
+            None,
+        )
+    except importlib.metadata.PackageNotFoundError:
+        return out
+    try:
+        import xformers
+
+        out["ops_ok"] = bool(getattr(xformers, "_has_cpp_library", False))
+    except Exception as exc:
+        out["ops_ok"] = False
+        out["error"] = _error(exc)
+    return out
+
+
+def nvml_gpus() -> tuple[list[dict], dict]:
+    """GPUs as NVML sees them, plus driver facts. NVML works without torch and without CUDA torch."""
+    status = {"available": False, "error": None, "driver": None, "cuda_driver": None}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:
+        status["error"] = _error(exc)
+        return [], status
+    gpus = []
+    try:
+        status["available"] = True
+        status["driver"] = _text(pynvml.nvmlSystemGetDriverVersion())
+        try:
+            v = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+            status["cuda_driver"] = f"{v // 1000}.{v % 1000 // 10}"
+        except Exception as exc:  # very old drivers lack this call
+            status["error"] = _error(exc)
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            gpu = {"index": i, "source": "nvml", "name": _text(pynvml.nvmlDeviceGetName(h))}
+            try:
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+                gpu["compute_capability"] = f"{major}.{minor}"
+            except Exception:
+                gpu["compute_capability"] = None
+            try:
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                gpu["memory_total_gb"] = round(mem.total / 2**30, 2)
+                gpu["memory_free_gb"] = round(mem.free / 2**30, 2)
+            except Exception:
+                gpu["memory_total_gb"] = gpu["memory_free_gb"] = None
+            gpu["multiprocessors"] = None  # NVML has no SM count; torch fills it in below
+            gpus.append(gpu)
+    except Exception as exc:
+        status["error"] = _error(exc)
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return gpus, status
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def torch_info() -> tuple[dict, list[dict]]:
+    info: dict = {"version": None, "cuda": None, "cudnn": None, "cuda_available": False, "device_count": 0}
+    gpus: list[dict] = []
+    try:
+        import torch
+    except Exception as exc:
+        info["error"] = _error(exc)
+        return info, gpus
+    info["version"] = torch.__version__
+    info["cuda"] = torch.version.cuda
+    try:
+        info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    except Exception:
+        info["cudnn"] = None
+    try:
+        info["cuda_available"] = torch.cuda.is_available()
+        info["device_count"] = torch.cuda.device_count() if info["cuda_available"] else 0
+        for i in range(info["device_count"]):
+            p = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append({
+                "index": i, "source": "torch", "name": p.name,
+                "compute_capability": f"{p.major}.{p.minor}",
+                "memory_total_gb": round(total / 2**30, 2), "memory_free_gb": round(free / 2**30, 2),
+                "multiprocessors": p.multi_processor_count,
+            })
+    except Exception as exc:  # e.g. a driver too old for this torch's CUDA
+        info["error"] = _error(exc)
+    return info, gpus
+
+
+def measure_dtypes(cuda: bool) -> dict:
+    """Run a small matmul in each dtype and compare with fp32: supported means it ran and agreed."""
+    result: dict = {"device": "cuda:0" if cuda else "cpu"}
+    try:
+        import torch
+    except Exception as exc:
+        return {**result, "error": _error(exc)}
+    device = result["device"]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 64, generator=gen).to(device)
+    b = torch.randn(64, 64, generator=gen).to(device)
+    ref = a @ b
+    for name, dtype, tol in (("fp16", torch.float16, 0.05), ("bf16", torch.bfloat16, 0.3)):
+        try:
+            out = (a.to(dtype) @ b.to(dtype)).float()
+            ok = bool(torch.allclose(out, ref, atol=tol * 8, rtol=tol))
+            result[name] = {"supported": ok, "how": "measured"}
+        except Exception as exc:
+            result[name] = {"supported": False, "how": "measured", "detail": _error(exc)}
+    if not cuda:
+        na = {"supported": False, "how": "not measured", "detail": "no CUDA GPU"}
+        return {**result, "tf32": dict(na), "fp8_e4m3": dict(na)}
+    try:
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = a @ b
+        torch.backends.cuda.matmul.allow_tf32 = old
+        # TF32 keeps 10 mantissa bits, so a TF32 matmul differs from the fp32 one; identical means no TF32.
+        result["tf32"] = {"supported": not torch.equal(tf32, ref), "how": "measured"}
+    except Exception as exc:
+        result["tf32"] = {"supported": False, "how": "measured", "detail": _error(exc)}
+    try:
+        f8 = torch.float8_e4m3fn
+        one = torch.ones((), device=device)
+        out = torch._scaled_mm(a.to(f8), b.t().contiguous().t().to(f8), scale_a=one, scale_b=one,
+                               out_dtype=torch.bfloat16)
+        out = out[0] if isinstance(out, tuple) else out
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        result["fp8_e4m3"] = {"supported": rel < 0.2, "how": "measured"}
+    except Exception as exc:
+        result["fp8_e4m3"] = {"supported": False, "how": "measured", "detail": _error(exc)}
+    return result
+
+
+def probe(measure: bool = True) -> dict:
+    """The whole report. `measure=False` skips running anything on the device (dtype checks)."""
+    nv_gpus, nvml = nvml_gpus()
+    torch_data, torch_gpus = torch_info()
+    gpus = nv_gpus or torch_gpus
+    for gpu in gpus:  # NVML first; torch fills what NVML does not know
+        twin = next((g for g in torch_gpus if g["index"] == gpu["index"]), None)
+        if twin:
+            gpu["multiprocessors"] = gpu.get("multiprocessors") or twin["multiprocessors"]
+    packages = {key: package_info(dists, module) for key, dists, module in PACKAGES}
+    if packages["xformers"]["version"]:
+        packages["xformers"].update(xformers_ops())
+    report = {
+        "schema": SCHEMA,
+        "sdcli": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "system": system_info(),
+        "nvml": nvml,
+        "gpus": gpus,
+        "torch": torch_data,
+        "packages": packages,
+    }
+    if measure:
+        report["dtypes"] = measure_dtypes(bool(torch_data["cuda_available"]))
+    return report

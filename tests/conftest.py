@@ -1,0 +1,52 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sdcli.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = Path(__file__).parent / "reports"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [i for i in items if "gpu" in i.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+class Cli:
+    """Drives the CLI in-process, the way a user's shell would, and parses --json output."""
+
+    def __init__(self):
+        self.runner = CliRunner()
+
+    def __call__(self, *args, code=0, env=None):
+        result = self.runner.invoke(app, [str(a) for a in args], env=env, prog_name="sdcli")
+        assert result.exit_code == code, f"exit {result.exit_code}, wanted {code}\n{result.output}\n{result.exception!r}"
+        return result
+
+    def json(self, *args, code=0, env=None):
+        return json.loads(self(*args, "--json", code=code, env=env).stdout)
+
+
+@pytest.fixture
+def cli():
+    return Cli()
+
+
+def run_sdcli(*args, env=None, cwd=None, timeout=300):
+    """The installed console script in a subprocess: the real process boundary, exit codes and all."""
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sdcli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
