@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -30,7 +30,7 @@ class Group(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
             raise
         except SdcliError as exc:
             err.print(f"[red]error:[/] {exc}", soft_wrap=True)
@@ -228,3 +228,156 @@ def probe_backends(report: dict, verdicts: dict, quiet: bool) -> list:
 
 def main() -> None:
     app(prog_name="sdcli")  # also under `python -m sdcli`, so completion and usage say `sdcli`
+
+
+# ----- generate -----------------------------------------------------------------------------------------
+
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", "-b", help="auto, or an attention backend (see `sdcli doctor`). A named backend that can't serve "
+                            "a layer is an error unless --fallback.")]
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", help="tiny (built in, offline, images are noise), a Hub id, a diffusers folder, or a "
+                          ".safetensors/.ckpt file.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on SM80+ GPUs, fp16 on older ones, fp32 on CPU), fp16, "
+                                            "bf16 or fp32.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+FallbackOpt = Annotated[bool, typer.Option(help="Let other backends serve the layers a named --backend can't.")]
+QuantizedOpt = Annotated[bool, typer.Option(
+    "--quantized", help="Let --backend auto use quantized kernels (SageAttention): faster, results move more.")]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line (instead of PROMPT).")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "-n")] = None,
+    model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    backend: BackendOpt = "auto",
+    fallback: FallbackOpt = False,
+    quantized: QuantizedOpt = False,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    width: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Image n of the run uses seed+n; default: random.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 1,
+    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
+    scheduler: Annotated[str, typer.Option(
+        help="default (the model's own), euler, euler-a, dpm++2m, dpm++2m-karras, ddim, pndm, unipc, heun.")] = "default",
+    dtype: DtypeOpt = "auto",
+    vae_dtype: Annotated[str, typer.Option(help="auto (fp32 when fp16 would overflow), fp16, bf16 or fp32.")] = "auto",
+    device: DeviceOpt = "auto",
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where images go; never overwritten.")] = Path("outputs"),
+    json_out: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show which kernel served which layers.")] = False,
+) -> None:
+    """Text to image, with attention routed per layer to the chosen backend. Images keep their recipe."""
+    from sdcli import pipeline
+
+    if prompt and prompts_file:
+        raise SdcliError("give a PROMPT or --prompts-file, not both")
+    prompts = pipeline.read_prompts_file(prompts_file) if prompts_file else [prompt] if prompt else []
+    settings = pipeline.Settings(
+        prompts=prompts, negative_prompt=negative_prompt, model=model, steps=steps, guidance=guidance,
+        width=width, height=height, seed=seed, batch_size=batch_size, num_images=num_images, scheduler=scheduler,
+        dtype=dtype, vae_dtype=vae_dtype, device=device, backend=backend, fallback=fallback, quantized=quantized,
+        output_dir=output_dir)
+    settings.validate()  # fail on bad input before the slow imports
+    with err.status("loading the model", spinner="dots") if not quiet else nullcontext():
+        run = pipeline.prepare(settings)
+    run_with_progress(run, pipeline.work_items(settings), quiet=quiet or not err.is_terminal)
+    report_run(run, json_out, quiet, verbose)
+
+
+def run_with_progress(run, items, quiet: bool, name_for=None) -> None:
+    """Generate with a progress bar; Ctrl-C or an error keeps what finished and says where it is."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sdcli import pipeline
+
+    steps_per_batch = run.settings.steps
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, disable=quiet) as bar:
+        images = bar.add_task("images", total=len(items))
+        steps = bar.add_task("steps", total=steps_per_batch)
+
+        def on_step():
+            if bar.tasks[steps].completed >= steps_per_batch:
+                bar.reset(steps)
+            bar.advance(steps)
+
+        def on_image(result):
+            bar.advance(images)
+            if result.problem:
+                err.print(f"[yellow]warning:[/] {result.path.name}: {result.problem}", soft_wrap=True)
+
+        try:
+            pipeline.generate(run, items, on_step=on_step, on_image=on_image, name_for=name_for)
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print(f"interrupted: {kept(run)}", soft_wrap=True)
+            raise typer.Exit(130) from None
+        except SdcliError:
+            raise
+        except Exception as exc:
+            if os.environ.get("SDCLI_DEBUG"):
+                raise
+            bar.stop()
+            done = len(run.images)
+            failed = items[done] if done < len(items) else None
+            where = f" in image {done + 1} (item {failed.index}, seed {failed.seed})" if failed else ""
+            raise RunFailed(f"{type(exc).__name__}{where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                            f"; {kept(run)}") from None
+
+
+def kept(run) -> str:
+    n = len(run.images)
+    return f"{n} finished image{'s' if n != 1 else ''} kept in {run.settings.output_dir}" if n else "no image was finished"
+
+
+def report_run(run, json_out: bool, quiet: bool, verbose: bool) -> None:
+    summary = run.summary()
+    if json_out:
+        emit_json(summary)
+    elif not quiet:
+        n = len(run.images)
+        out.print(f"Wrote {n} image{'s' if n != 1 else ''} to {run.settings.output_dir} "
+                  f"({run.model_name}, {run.device}, {run.dtype}): {summary['seconds_per_image']} s/image, "
+                  f"{summary['images_per_second']} images/s"
+                  + (f", peak GPU memory {run.peak_memory_gb} GiB" if run.peak_memory_gb is not None else ""),
+                  soft_wrap=True)
+        print_attention(summary["attention"], verbose)
+    if summary["problems"]:
+        raise BadImages(summary["problems"])
+
+
+class RunFailed(SdcliError):
+    exit_code = 1
+
+
+class BadImages(SdcliError):
+    exit_code = 3
+
+    def __init__(self, problems):
+        super().__init__(f"{len(problems)} image(s) came out NaN or black (kept, see above): {problems[0]['problem']}")
+
+
+def print_attention(att: dict, verbose: bool) -> None:
+    served = ", ".join(f"{b} {n} calls" for b, n in att["served"].items())
+    out.print(f"Attention ({att['requested']}): {served}", soft_wrap=True)
+    for f in att["fallbacks"]:
+        out.print(f"  fallback: {f['layer']} → {f['backend']} ({f['instead_of']}: {f['why']})", soft_wrap=True)
+    if not verbose:
+        return
+    t = Table(title="Attention plan: which kernel served which layers ([kernel] = what torch's SDPA picked)",
+              title_justify="left")
+    for col in ("part", "kind", "heads×dim", "dtype", "layers", "sequences (q, kv)", "served (calls)", "passed over"):
+        t.add_column(col, overflow="fold")
+    for g in att["groups"]:
+        calls = ", ".join(f"{b}: {n}" + (f" [{g['kernels'][b].replace('_attention', '')}]" if b in g["kernels"] else "")
+                          for b, n in g["calls"].items())
+        t.add_row(g["part"], g["kind"], f"{g['heads']}×{g['head_dim']}", g["dtype"], str(g["layers"]),
+                  " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), calls,
+                  "; ".join(f"{b}: {r}" for b, r in g["refused"].items()))
+    out.print(t)

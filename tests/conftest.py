@@ -50,3 +50,37 @@ def run_sdcli(*args, env=None, cwd=None, timeout=300):
     env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "sdcli", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def register_backend():
+    """Register test backends in this process (as a plugin would), removed again after the test."""
+    from sdcli import backends
+
+    names = []
+
+    def register(name, attention, checks=(), kind="exact"):
+        backends.register(backends.Backend(name, f"test backend {name}", kind=kind, attention=attention,
+                                           checks=list(checks)), replace=True)
+        names.append(name)
+
+    yield register
+    for name in names:
+        backends.unregister(name)
+
+
+def sdpa(q, k, v, attn_mask=None, scale=None):
+    """Plain attention in the (batch, seq, heads, head_dim) layout backends receive."""
+    import torch
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()

@@ -1,0 +1,226 @@
+"""Models: the built-in offline ones, and loading real checkpoints from a folder, a file or the Hub cache.
+
+`tiny` is a Stable Diffusion pipeline with random weights that sdcli builds itself (UNet, VAE, CLIP text
+encoder and a byte-level tokenizer), deterministic and a few MB, so the whole path runs with no download.
+Its images are noise: it is for tests and demos, not pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sdcli import SdcliError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def quiet_libraries() -> None:
+    """transformers and diffusers log optional-dependency notices at import; sdcli's output stays clean."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers
+    import transformers
+
+    import huggingface_hub
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's byte-to-unicode map: the 256 symbols a byte-level BPE vocabulary starts from."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    codes = printable + [256 + i for i in range(len(extra))]
+    return [chr(c) for c in codes]
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer with a byte-level vocabulary and no merges: one token per character."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_alphabet()
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny():
+    """The built-in `tiny` pipeline. Shaped like SD 1.x in miniature: a 4-level VAE (8× downscale), a UNet
+    whose head dim doubles per level (16, 32, as SD 1.x's 40, 80, 160) and a single-head VAE attention."""
+    quiet_libraries()
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # weights come from torch's CPU generator: the same on every machine
+    try:
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)  # SD 1.x's "head dim" is heads
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1, norm_num_groups=8, sample_size=128)
+    finally:
+        torch.random.set_rng_state(state)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe
+
+
+BUILTIN = {"tiny": tiny}
+
+
+def describe_builtins() -> dict[str, str]:
+    return {"tiny": "random-weight SD 1.x-shaped pipeline, 128², a few MB, built offline (images are noise)"}
+
+
+def _offline() -> bool:
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    return bool(HF_HUB_OFFLINE)
+
+
+def resolve(model: str) -> tuple[str, str]:
+    """Say what `model` names, before anything heavy loads: (kind, location). Raises SdcliError if nothing."""
+    if model in BUILTIN:
+        return "builtin", model
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise SdcliError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+        return "folder", str(path)
+    if path.is_file():
+        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            raise SdcliError(f"{path} is not a checkpoint: expected a .safetensors or .ckpt file or a diffusers folder")
+        return "checkpoint", str(path)
+    looks_like_path = model.startswith((".", "/", "~")) or path.suffix.lower() in CHECKPOINT_SUFFIXES
+    if looks_like_path or model.count("/") > 1:
+        raise SdcliError(f"model path {model} does not exist")
+    if model.count("/") == 1 and all(model.split("/")):  # owner/name
+        return "hub", model
+    raise SdcliError(f"model {model!r} not found: not a built-in ({', '.join(BUILTIN)}), a folder, a checkpoint "
+                     "file or a Hub id like stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def load(model: str, dtype: str = "fp32", device: str = "cpu"):
+    """Load a pipeline in `dtype` on `device`; returns (pipeline, name for the image recipe)."""
+    kind, where = resolve(model)
+    quiet_libraries()
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if kind == "builtin":
+        pipe, name = BUILTIN[where](), where
+    elif kind == "folder":
+        pipe, name = _from_folder(where, torch_dtype), Path(where).name
+    elif kind == "checkpoint":
+        pipe, name = _from_checkpoint(where, torch_dtype), Path(where).stem
+    else:
+        pipe, name = _from_hub(where, torch_dtype), where
+    pipe.to(device=device, dtype=torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, name
+
+
+def _no_safety_checker(index: dict) -> dict:
+    # Like the web UIs, sdcli does not run the NSFW checker: it costs time and blanks images at random.
+    return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+
+
+def _from_folder(folder: str, torch_dtype):
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+        return DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True,
+                                                 **_no_safety_checker(index))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise SdcliError(f"cannot load the pipeline in {folder}: {_first_line(exc)}") from None
+
+
+def _checkpoint_keys(path: str) -> list[str]:
+    """The tensor names in a checkpoint, read without loading the weights (safetensors) or fully (.ckpt)."""
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        import torch
+
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return list((data.get("state_dict", data) if isinstance(data, dict) else {}).keys())
+    except Exception as exc:
+        raise SdcliError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+
+
+def _from_checkpoint(path: str, torch_dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    keys = _checkpoint_keys(path)
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise SdcliError(f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)")
+    sdxl = any(k.startswith("conditioner.embedders.1") for k in keys)
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        return cls.from_single_file(path, dtype=torch_dtype, local_files_only=_offline(), **extra)
+    except Exception as exc:
+        hint = ("; single-file loading needs the model's config from the Hub cache: run once online, or convert "
+                "the checkpoint to a diffusers folder") if _offline() else ""
+        raise SdcliError(f"cannot load checkpoint {path}: {_first_line(exc)}{hint}") from None
+
+
+def _from_hub(repo: str, torch_dtype):
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = json.loads(Path(_hub_file(repo, "model_index.json")).read_text())
+        return DiffusionPipeline.from_pretrained(repo, dtype=torch_dtype, local_files_only=_offline(),
+                                                 **_no_safety_checker(index))
+    except SdcliError:
+        raise
+    except Exception as exc:
+        raise SdcliError(f"cannot load {repo} from the Hub: {_first_line(exc)}") from None
+
+
+def _hub_file(repo: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, local_files_only=True)
+    except Exception:
+        pass
+    if _offline():
+        raise SdcliError(f"{repo} is not in the Hub cache and HF_HUB_OFFLINE is set: download it on a connected "
+                         f"machine (hf download {repo}) or pass a local folder")
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as exc:
+        raise SdcliError(f"{repo} is not in the Hub cache and could not be downloaded ({_first_line(exc)}); "
+                         f"download it where the Hub is reachable (hf download {repo}) or pass a local folder") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]

@@ -1,0 +1,440 @@
+"""Text-to-image: settings, work items, the generation loop, and images written safely with their recipe.
+
+Work is a list of items (prompt, copy) numbered from 0; item n uses seed `seed + n` and a file name
+made from n, the seed and the prompt. So an image is reproducible on its own, whatever the batch
+size, the number of processes or what ran before it. A finished image is on disk before the next
+batch starts, and no existing file is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdcli import SdcliError, __version__, backends
+
+# name -> (diffusers scheduler class, config overrides, A1111 sampler name)
+SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+}
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
+
+
+@dataclass
+class Settings:
+    prompts: list[str]
+    negative_prompt: str | None = None
+    model: str = DEFAULT_MODEL
+    steps: int = 30
+    guidance: float = 7.5
+    width: int | None = None   # None: the model's native size
+    height: int | None = None
+    seed: int | None = None    # None: a random one, recorded in every image
+    batch_size: int = 1
+    num_images: int = 1        # per prompt
+    scheduler: str = "default"
+    dtype: str = "auto"
+    vae_dtype: str = "auto"
+    device: str | None = None  # None: cuda if usable, else cpu
+    backend: str = "auto"
+    fallback: bool = False
+    quantized: bool = False
+    output_dir: Path = Path("outputs")
+
+    def validate(self) -> None:
+        """Every check that needs no model: bad input fails here, before anything loads."""
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise SdcliError("give a prompt, or --prompts-file with one prompt per line")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise SdcliError(f"--{name} must be a positive multiple of 8, not {value}")
+        for name in ("steps", "batch_size", "num_images"):
+            if getattr(self, name) < 1:
+                raise SdcliError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.guidance < 0:
+            raise SdcliError(f"--guidance must be ≥ 0, not {self.guidance}")
+        if self.seed is not None and not 0 <= self.seed < 2**63 - len(self.prompts) * self.num_images:
+            raise SdcliError(f"--seed must be between 0 and 2**63, not {self.seed}")
+        if self.scheduler != "default" and self.scheduler not in SCHEDULERS:
+            raise SdcliError(f"unknown --scheduler {self.scheduler!r}; choose default, {', '.join(SCHEDULERS)}")
+        for name in ("dtype", "vae_dtype"):
+            if getattr(self, name) not in DTYPE_CHOICES:
+                raise SdcliError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_CHOICES)}")
+        if self.backend != "auto":
+            try:
+                backends.get(self.backend)
+            except KeyError as exc:
+                raise SdcliError(exc.args[0]) from None
+        check_output_dir(self.output_dir)
+
+
+def check_output_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".sdcli-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SdcliError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SdcliError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SdcliError(f"prompts file {path} has no prompts (one per line)")
+    return prompts
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def stem(self) -> str:
+        slug = ""
+        for word in re.findall(r"[a-z0-9]+", self.prompt.lower()):  # whole words, up to 40 characters
+            if len(slug) + len(word) + 1 > 40:
+                break
+            slug = f"{slug}-{word}" if slug else word
+        slug = slug or re.sub(r"[^a-z0-9]", "", self.prompt.lower())[:40] or "image"
+        return f"{self.index:05d}-{self.seed}-{slug}"
+
+
+def work_items(settings: Settings) -> list[Item]:
+    """Item n is prompt n // num_images; its seed is seed + n: visible, and independent of batching."""
+    n = settings.num_images
+    return [Item(i, settings.prompts[i // n], settings.seed + i) for i in range(len(settings.prompts) * n)]
+
+
+@dataclass
+class ImageResult:
+    item: Item
+    path: Path
+    seconds: float
+    problem: str | None = None
+
+    def to_json(self) -> dict:
+        return {"item": self.item.index, "prompt": self.item.prompt, "seed": self.item.seed,
+                "file": str(self.path), "seconds": round(self.seconds, 4), "problem": self.problem}
+
+
+@dataclass
+class Run:
+    """Everything about one generate run; filled in as it goes, so an interrupted run still says what it kept."""
+
+    settings: Settings
+    report: dict
+    device: str
+    dtype: str
+    vae_dtype: str
+    pipe: object = None
+    model_name: str = ""
+    router: object = None
+    sampler: str = ""
+    images: list[ImageResult] = field(default_factory=list)
+    seconds: float = 0.0
+    load_seconds: float = 0.0
+    peak_memory_gb: float | None = None
+
+    def summary(self) -> dict:
+        n = len(self.images)
+        return {
+            "settings": settings_json(self.settings),
+            "images": [r.to_json() for r in self.images],
+            "output_dir": str(self.settings.output_dir),
+            "model": self.model_name, "device": self.device, "dtype": self.dtype, "vae_dtype": self.vae_dtype,
+            "sampler": self.sampler, "backend": self.settings.backend,
+            "seconds": round(self.seconds, 3), "load_seconds": round(self.load_seconds, 3),
+            "seconds_per_image": round(self.seconds / n, 4) if n else None,
+            "images_per_second": round(n / self.seconds, 4) if n and self.seconds else None,
+            "peak_gpu_memory_gb": self.peak_memory_gb,
+            "attention": self.router.to_json() if self.router else None,
+            "problems": [r.to_json() for r in self.images if r.problem],
+        }
+
+
+def choose_device(report: dict, device: str | None) -> str:
+    cuda = bool(report.get("torch", {}).get("cuda_available"))
+    count = report.get("torch", {}).get("device_count") or 0
+    if device in (None, "auto"):
+        return "cuda:0" if cuda else "cpu"
+    if device == "cpu":
+        return device
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not m:
+        raise SdcliError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if not cuda:
+        raise SdcliError(f"--device {device}: torch sees no usable CUDA GPU here (see sdcli doctor)")
+    index = int(m.group(1) or 0)
+    if index >= count:
+        raise SdcliError(f"--device {device}: there are only {count} GPUs (cuda:0..cuda:{count - 1})")
+    return f"cuda:{index}"
+
+
+def prepare(settings: Settings, report: dict | None = None) -> Run:
+    """Validate, probe, load the model, set the scheduler and route attention. Nothing generated yet."""
+    from sdcli import hardware, models, routing
+
+    if settings.seed is None:
+        settings.seed = secrets.randbelow(2**32)
+    settings.validate()
+    kind, _ = models.resolve(settings.model)  # a missing model fails before the slow imports
+    report = report or hardware.probe()
+    device = choose_device(report, settings.device)
+    machine = backends.Machine(report, device)
+    dtype = backends.default_dtype(machine) if settings.dtype == "auto" else settings.dtype
+    t0 = time.perf_counter()
+    pipe, name = models.load(settings.model, dtype, device)
+    vae_dtype = settings.vae_dtype
+    if vae_dtype == "auto":  # fp16 VAEs overflow into NaN/black; diffusers marks those with force_upcast
+        vae_dtype = "fp32" if dtype == "fp16" and getattr(pipe.vae.config, "force_upcast", False) else dtype
+    if vae_dtype != dtype:
+        import torch
+
+        pipe.vae.to(getattr(torch, backends.TORCH_DTYPES[vae_dtype]))
+    sampler = set_scheduler(pipe, settings.scheduler)
+    run = Run(settings, report, device, dtype, vae_dtype, pipe=pipe, model_name=name, sampler=sampler,
+              load_seconds=time.perf_counter() - t0)
+    run.router = routing.route(pipe, routing.Router.for_request(
+        settings.backend, report, device, settings.fallback, settings.quantized))
+    return run
+
+
+def set_scheduler(pipe, name: str) -> str:
+    """Swap in the named scheduler (from the model's own config); return its A1111 sampler name."""
+    import diffusers
+
+    if name != "default":
+        cls_name, overrides, _ = SCHEDULERS[name]
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    cls_name = type(pipe.scheduler).__name__
+    karras = bool(getattr(pipe.scheduler.config, "use_karras_sigmas", False))
+    for c, overrides, sampler in SCHEDULERS.values():
+        if c == cls_name and bool(overrides.get("use_karras_sigmas", False)) == karras:
+            return sampler
+    return cls_name
+
+
+def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=None,
+             name_for=None) -> Run:
+    """Generate `items` (default: all of the settings' work) in batches, saving each image as it finishes.
+    `name_for(item)` gives the file stem (default: item.stem); on_step() and on_image(result) report progress."""
+    import torch
+
+    s = run.settings
+    items = work_items(s) if items is None else items
+    cuda = run.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    for start in range(0, len(items), s.batch_size):
+        batch = items[start:start + s.batch_size]
+        t0 = time.perf_counter()
+        images, problems = render(run, batch, on_step)
+        if cuda:
+            torch.cuda.synchronize(run.device)
+        seconds = (time.perf_counter() - t0) / len(batch)
+        run.seconds += seconds * len(batch)
+        for item, image, problem in zip(batch, images, problems):
+            path = save_png(image, s.output_dir, (name_for or (lambda it: it.stem))(item), recipe(run, item))
+            result = ImageResult(item, path, seconds, problem)
+            run.images.append(result)
+            if on_image:
+                on_image(result)
+    if cuda:
+        run.peak_memory_gb = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+    return run
+
+
+def render(run: Run, batch: list[Item], on_step=None):
+    """One pipeline call for a batch: latents from the UNet, decoded by sdcli to catch NaN where it starts."""
+    import numpy as np
+    import torch
+
+    s, pipe = run.settings, run.pipe
+    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]  # same latents on any device
+
+    def step_end(_pipe, _step, _t, kwargs):
+        if on_step:
+            on_step()
+        return kwargs
+
+    with torch.inference_mode():
+        latents = pipe(
+            prompt=[item.prompt for item in batch],
+            negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
+            num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,
+            generator=generators, output_type="latent", callback_on_step_end=step_end,
+        ).images
+        bad_latents = [bool(torch.isnan(x).any()) for x in latents]
+        images = decode(pipe, latents)
+    problems = []
+    for bad, image in zip(bad_latents, images):
+        if bad:
+            problems.append(f"NaN in the latents: the UNet overflowed in {run.dtype} or the attention kernel "
+                            "failed; try --dtype bf16 (or fp32), or another --backend")
+        elif np.isnan(image).any():
+            problems.append(f"NaN after the VAE in {run.vae_dtype}: run it with --vae-dtype fp32")
+        elif image.max() < 0.02:
+            problems.append("black image: every pixel below 2%; try --vae-dtype fp32 or --dtype bf16")
+        else:
+            problems.append(None)
+    return images, problems
+
+
+def decode(pipe, latents):
+    """diffusers' own decode path (scaling, optional latent mean/std, VAE, postprocess), in the VAE's dtype."""
+    vae = pipe.vae
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, latents.shape[1], 1, 1)
+        mean = latents.new_tensor(mean).view(shape)
+        std = latents.new_tensor(std).view(shape)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np")
+
+
+# ----- the recipe in the PNG ----------------------------------------------------------------------------
+
+
+def _quote(value) -> str:
+    """A1111's rule: values with a comma, colon or newline are JSON-quoted."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def attention_summary(router) -> str:
+    """e.g. `sdpa-flash (unet 16 layers), sdpa-efficient (vae 2 layers)`: backends that served calls."""
+    per: dict[str, dict[str, int]] = {}
+    for layer in router.layers:
+        part = layer.name.split(".")[0]
+        for backend in layer.calls:
+            per.setdefault(backend, {}).setdefault(part, 0)
+            per[backend][part] += 1
+    return ", ".join(f"{b} ({', '.join(f'{p} {n} layer' + 's' * (n != 1) for p, n in parts.items())})"
+                     for b, parts in per.items())
+
+
+def native_size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def recipe(run: Run, item: Item) -> dict:
+    s = run.settings
+    width, height = s.width or native_size(run.pipe), s.height or native_size(run.pipe)
+    return {
+        "prompt": item.prompt, "negative_prompt": s.negative_prompt, "seed": item.seed, "item": item.index,
+        "steps": s.steps, "guidance": s.guidance, "width": width, "height": height,
+        "scheduler": s.scheduler, "sampler": run.sampler, "model": run.model_name, "backend": s.backend,
+        "fallback": s.fallback, "quantized": s.quantized, "attention": attention_summary(run.router),
+        "dtype": run.dtype, "vae_dtype": run.vae_dtype, "device": run.device,
+        "gpu": backends.Machine(run.report, run.device).gpu_label, "batch_size": s.batch_size,
+        "versions": {"sdcli": __version__, **{k: v.get("version") for k, v in run.report.get("packages", {}).items()
+                                              if v.get("version")}},
+    }
+
+
+def a1111_parameters(r: dict) -> str:
+    """The `parameters` text chunk as A1111 writes it, which its readers (and CivitAI, ComfyUI...) parse."""
+    lines = [r["prompt"]]
+    if r.get("negative_prompt"):
+        lines.append(f"Negative prompt: {r['negative_prompt']}")
+    fields = {"Steps": r["steps"], "Sampler": r["sampler"], "CFG scale": r["guidance"], "Seed": r["seed"],
+              "Size": f"{r['width']}x{r['height']}", "Model": r["model"], "Backend": r["backend"],
+              "Attention": r["attention"], "Dtype": r["dtype"], "Version": f"sdcli {__version__}"}
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v not in (None, "")))
+    return "\n".join(lines)
+
+
+PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def read_parameters(path: Path) -> dict:
+    """Parse an image's `parameters` chunk back: prompt, negative prompt and every `Key: value`."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.text.get("parameters") if hasattr(im, "text") else None
+    if text is None:
+        raise SdcliError(f"{path} has no generation parameters")
+    *head, last = text.split("\n")
+    prompt, negative, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative) or None}
+    for key, value in PARAM_RE.findall(last):
+        out[key] = json.loads(value) if value.startswith('"') else value
+    return out
+
+
+def read_recipe(path: Path) -> dict:
+    """The full JSON recipe sdcli stores next to `parameters`."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return json.loads(im.text["sdcli"])
+
+
+def save_png(image, folder: Path, stem: str, data: dict) -> Path:
+    """Write atomically under `stem`.png, or `stem`-1.png, ... if taken: never overwrite, never half-write."""
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(data))
+    info.add_text("sdcli", json.dumps(data, ensure_ascii=False))
+    pixels = (np.nan_to_num(image, nan=0.0) * 255).round().astype("uint8")
+    tmp = folder / f".{stem}.{os.getpid()}.partial.png"
+    Image.fromarray(pixels).save(tmp, pnginfo=info)
+    try:
+        for n in range(10_000):
+            target = folder / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
+            try:
+                os.link(tmp, target)  # fails if target exists: atomic no-overwrite
+                return target
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links on this file system: reserve the name, then replace it atomically
+                try:
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, target)
+                return target
+        raise SdcliError(f"too many images named {stem}*.png in {folder}")
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def settings_json(settings: Settings) -> dict:
+    data = asdict(settings)
+    data["output_dir"] = str(settings.output_dir)
+    return data

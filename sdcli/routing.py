@@ -1,0 +1,308 @@
+"""Attention routing: each attention layer of the UNet and VAE sent to the backend its plan chose.
+
+diffusers' SD/SDXL UNet and VAE call F.scaled_dot_product_attention directly and ignore diffusers'
+own backend switch (docs/design.md). So sdcli puts `RoutedAttnProcessor` on every `Attention`
+module. It computes q/k/v exactly as diffusers' `AttnProcessor2_0` does and hands the attention call
+to the backend the plan chose for that layer. Every call is counted per layer and backend: that
+count, not the request, is what sdcli reports as having run.
+
+A plan is made per layer from its static shape (heads, head dim, dtype) when the processors are
+installed. The first call with a new sequence length or mask is checked again with the full shape,
+and its kernel's own error is caught. From then on a call is one dictionary lookup and the kernel.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sdcli import SdcliError, backends
+from sdcli.backends import Backend, Machine, Shape
+
+AUTO = "auto"
+DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+
+
+class RoutingError(SdcliError):
+    exit_code = 1
+
+
+def auto_order(machine: Machine, quantized: bool = False) -> list[str]:
+    """The documented preference of `--backend auto`, fastest-first by what is known of each GPU generation.
+    Exact kernels only, unless quantized ones are asked for; `sdpa` always ends the list and runs anywhere."""
+    if not machine.is_cuda:
+        order = ["sdpa"]  # on the CPU torch's SDPA already picks its flash kernel
+    else:
+        order = ["flash-attn-3", "flash-attn", "sdpa-flash", "xformers", "sdpa-cudnn", "sdpa-efficient", "sdpa"]
+    if quantized:
+        order = ["sage-fp8-sm90", "sage-fp8", "sage"] + order
+    return order
+
+
+@dataclass
+class Layer:
+    """One attention module, its plan and the evidence of what served it."""
+
+    name: str
+    kind: str  # "self" or "cross"
+    heads: int
+    head_dim: int
+    dtype: str
+    backend: str | None = None                       # the plan's choice for this layer's static shape
+    refused: dict[str, str] = field(default_factory=dict)  # backend -> why it was passed over
+    calls: Counter = field(default_factory=Counter)   # backend -> calls that it served
+    seqs: set = field(default_factory=set)            # (q_len, kv_len) seen
+    kernels: dict[str, str] = field(default_factory=dict)  # backend -> the kernel torch picked, for `sdpa`
+    routes: dict = field(default_factory=dict, repr=False)  # (q_len, kv_len, masked, dtype) -> Backend
+
+    def to_json(self) -> dict:
+        return {
+            "layer": self.name, "kind": self.kind, "heads": self.heads, "head_dim": self.head_dim,
+            "dtype": self.dtype, "backend": self.backend, "refused": dict(self.refused),
+            "calls": dict(self.calls), "seqs": sorted(self.seqs), "kernels": dict(self.kernels),
+        }
+
+
+class Router:
+    """Chooses and counts. `chain` is the order to try per layer; `strict` means only chain[0] may serve."""
+
+    def __init__(self, chain: list[Backend], machine: Machine, strict: bool, requested: str):
+        self.chain = chain
+        self.machine = machine
+        self.strict = strict
+        self.requested = requested
+        self.layers: list[Layer] = []
+
+    @classmethod
+    def for_request(cls, requested: str, report: dict, device: str, fallback: bool = False,
+                    quantized: bool = False) -> "Router":
+        """`auto`, or one backend name: strict, or with `fallback` followed by auto's order."""
+        machine = Machine(report, device)
+        if requested == AUTO:
+            names = auto_order(machine, quantized)
+        else:
+            first = backends.get(requested)  # KeyError names the known ones
+            if first.kind == backends.QUANTIZED:
+                quantized = True  # naming a quantized backend is the opt-in
+            names = [requested] + ([n for n in auto_order(machine, quantized) if n != requested] if fallback else [])
+        registered = {b.name: b for b in backends.all_backends()}
+        chain = [registered[n] for n in names if n in registered]
+        return cls(chain, machine, strict=requested != AUTO and not fallback, requested=requested)
+
+    # ----- planning -------------------------------------------------------------------------------------
+
+    def plan(self, name: str, attn) -> Layer:
+        weight = attn.to_q.weight if hasattr(attn, "to_q") else attn.to_qkv.weight
+        heads = attn.heads
+        head_dim = attn.inner_dim // heads
+        layer = Layer(name, "cross" if attn.is_cross_attention else "self", heads, head_dim,
+                      DTYPE_NAMES.get(str(weight.dtype), str(weight.dtype)))
+        shape = Shape(heads, head_dim, dtype=layer.dtype)
+        machine = self._machine(weight.device)
+        for backend in self.chain:
+            verdict = backend.verdict(machine, shape)
+            if verdict.usable:
+                layer.backend = backend.name
+                break
+            layer.refused[backend.name] = verdict.reason
+            if self.strict:
+                raise self._cannot_serve(layer, backend.name, verdict.reason)
+        if layer.backend is None:
+            raise RoutingError(f"no backend can serve layer {name} ({shape}): "
+                               + "; ".join(f"{b}: {r}" for b, r in layer.refused.items()))
+        self.layers.append(layer)
+        return layer
+
+    def _machine(self, device) -> Machine:
+        where = str(device)
+        return self.machine if where == self.machine.device else Machine(self.machine.report, where)
+
+    def _cannot_serve(self, layer: Layer, backend: str, reason: str) -> RoutingError:
+        return RoutingError(f"backend {backend} can't serve layer {layer.name} "
+                            f"({layer.kind}-attention, {layer.heads}×{layer.head_dim} {layer.dtype}): {reason}. "
+                            "Use --backend auto, or add --fallback to let other backends take such layers")
+
+    # ----- the hot path -------------------------------------------------------------------------------
+
+    def attend(self, layer: Layer, q, k, v, mask=None, scale=None):
+        key = (q.shape[1], k.shape[1], mask is not None, q.dtype)
+        backend = layer.routes.get(key)
+        if backend is None:
+            backend, out = self._first_call(layer, key, q, k, v, mask, scale)
+        else:
+            out = backend.run(q, k, v, attn_mask=mask, scale=scale)
+        layer.calls[backend.name] += 1
+        return out
+
+    def _first_call(self, layer: Layer, key, q, k, v, mask, scale):
+        """Check a new shape against each candidate, try its kernel, keep the first that works."""
+        import torch
+
+        shape = Shape(layer.heads, layer.head_dim, q.shape[1], k.shape[1],
+                      DTYPE_NAMES.get(str(q.dtype), str(q.dtype)), mask is not None)
+        machine = self._machine(q.device)
+        start = [b.name for b in self.chain].index(layer.backend)
+        for backend in self.chain[start:]:
+            verdict = backend.verdict(machine, shape)
+            reason = verdict.reason
+            if verdict.usable:
+                try:
+                    out = backend.run(q, k, v, attn_mask=mask, scale=scale)
+                    layer.routes[key] = backend
+                    layer.seqs.add((shape.q_len, shape.kv_len))
+                    if backend.diffusers_name == "native":
+                        layer.kernels[backend.name] = sdpa_kernel_choice(q, k, v, mask)
+                    return backend, out
+                except torch.OutOfMemoryError:
+                    raise  # a full GPU is not the kernel's fault; the caller decides (bench searches batch sizes)
+                except Exception as exc:
+                    text = str(exc).strip()
+                    reason = f"the kernel failed: {type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+            layer.refused.setdefault(backend.name, f"{reason} (at {shape})")
+            if self.strict:
+                raise self._cannot_serve(layer, backend.name, f"{reason} (at {shape})")
+        raise RoutingError(f"no backend can serve layer {layer.name} at {shape}: "
+                           + "; ".join(f"{b}: {r}" for b, r in layer.refused.items()))
+
+    # ----- evidence ---------------------------------------------------------------------------------------
+
+    def served(self) -> Counter:
+        """Calls per backend over all layers: what actually ran."""
+        total = Counter()
+        for layer in self.layers:
+            total.update(layer.calls)
+        return total
+
+    def fallbacks(self) -> list[dict]:
+        """Layers not served by the first backend of the chain, and why."""
+        first = self.chain[0].name
+        return [{"layer": l.name, "backend": ", ".join(l.calls) or l.backend, "instead_of": first,
+                 "why": l.refused.get(first, "")}
+                for l in self.layers if first in l.refused]
+
+    def summary(self) -> list[dict]:
+        """Layers grouped by what decides the kernel: part, kind, heads×head_dim, dtype."""
+        groups: dict[tuple, dict] = {}
+        for l in self.layers:
+            key = (l.name.split(".")[0], l.kind, l.heads, l.head_dim, l.dtype)
+            g = groups.setdefault(key, {"part": key[0], "kind": l.kind, "heads": l.heads, "head_dim": l.head_dim,
+                                        "dtype": l.dtype, "layers": 0, "calls": Counter(), "seqs": set(),
+                                        "refused": {}, "kernels": {}})
+            g["layers"] += 1
+            g["calls"].update(l.calls)
+            g["seqs"] |= l.seqs
+            g["refused"].update(l.refused)
+            g["kernels"].update(l.kernels)
+        return [{**g, "calls": dict(g["calls"]), "seqs": sorted(g["seqs"])} for g in groups.values()]
+
+    def to_json(self) -> dict:
+        return {"requested": self.requested, "strict": self.strict, "chain": [b.name for b in self.chain],
+                "served": dict(self.served()), "groups": self.summary(), "fallbacks": self.fallbacks(),
+                "layers": [l.to_json() for l in self.layers]}
+
+
+def sdpa_kernel_choice(q, k, v, mask) -> str:
+    """Which kernel plain SDPA picks for these tensors (torch's own dispatcher, asked directly)."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    try:
+        choice = torch._fused_sdp_choice(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return SDPBackend(choice).name.lower()
+    except Exception:
+        return "unknown"
+
+
+class RoutedAttnProcessor:
+    """diffusers' AttnProcessor2_0, step for step, with the attention call routed and counted."""
+
+    def __init__(self, router: Router, layer: Layer):
+        self.router = router
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        if getattr(attn, "fused_projections", False) and encoder_hidden_states is None:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            if getattr(attn, "fused_projections", False):
+                key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+            else:
+                key = attn.to_k(encoder_hidden_states)
+                value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        # (batch, seq, heads, head_dim): the dispatcher's layout, and a view of the projections (no copy)
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key = key.view(batch_size, -1, attn.heads, head_dim)
+        value = value.view(batch_size, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        # AttnProcessor2_0 always uses SDPA's default 1/sqrt(head_dim); pass attn.scale only if it differs.
+        scale = None if abs(attn.scale - head_dim**-0.5) < 1e-12 else attn.scale
+
+        hidden_states = self.router.attend(self.layer, query, key, value, attention_mask, scale)
+
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+ROUTED_PARTS = ("unet", "vae")
+
+
+def route(pipe, router: Router) -> Router:
+    """Put a routed processor on every attention module of the pipeline's UNet and VAE."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, \
+        FusedAttnProcessor2_0
+
+    replaceable = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0, RoutedAttnProcessor)
+    for part in ROUTED_PARTS:
+        model = getattr(pipe, part, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            if not isinstance(module, Attention):
+                continue
+            if not isinstance(module.processor, replaceable):
+                raise RoutingError(f"{part}.{name} uses {type(module.processor).__name__}, which sdcli does not "
+                                   "route; only diffusers' standard attention processors can be replaced")
+            module.set_processor(RoutedAttnProcessor(router, router.plan(f"{part}.{name}", module)))
+    return router
+
+
+def unroute(pipe) -> None:
+    """Back to diffusers' stock processor (AttnProcessor2_0) everywhere sdcli routed."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for part in ROUTED_PARTS:
+        model = getattr(pipe, part, None)
+        if model is not None:
+            model.set_attn_processor(AttnProcessor2_0())
