@@ -13,15 +13,21 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
+import warnings
+
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
 from sdcli import SdcliError, __version__
 
-out = Console(highlight=False)
+# Piped output (a file, a log) gets 120 columns instead of rich's 80, so tables stay readable.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
+# flex warns on every eager call; `sdcli doctor` already labels it "slow unless compiled"
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
 class Group(TyperGroup):
@@ -302,7 +308,7 @@ def run_with_progress(run, items, quiet: bool, name_for=None) -> None:
         images = bar.add_task("images", total=len(items))
         steps = bar.add_task("steps", total=steps_per_batch)
 
-        def on_step():
+        def on_step(_step, _latents):
             if bar.tasks[steps].completed >= steps_per_batch:
                 bar.reset(steps)
             bar.advance(steps)
@@ -381,3 +387,93 @@ def print_attention(att: dict, verbose: bool) -> None:
                   " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), calls,
                   "; ".join(f"{b}: {r}" for b, r in g["refused"].items()))
     out.print(t)
+
+
+# ----- compare ------------------------------------------------------------------------------------------
+
+
+class CompareFailed(SdcliError):
+    exit_code = 1
+
+
+@app.command()
+def compare(
+    seed: Annotated[int, typer.Option(help="The seed every backend renders from.")] = 42,
+    prompt: Annotated[str, typer.Option(help="What to draw.")] = "a photo of an astronaut riding a horse on mars",
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "-n")] = None,
+    model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    backends_: Annotated[Optional[str], typer.Option(
+        "--backends", help="Comma-separated backends to compare; default: every one usable here.")] = None,
+    reference: Annotated[str, typer.Option(help="The backend the others are compared with.")] = "sdpa-math",
+    exact_tol: Annotated[float, typer.Option(
+        help="Exact kernels may err at most this many times as much as plain attention in the run's dtype.")] = 2.0,
+    quantized_tol: Annotated[float, typer.Option(
+        help="Quantized kernels may err at most this much (relative L2 error at kernel level).")] = 0.1,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    width: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
+    scheduler: Annotated[str, typer.Option(help="As for generate.")] = "default",
+    dtype: DtypeOpt = "auto",
+    vae_dtype: Annotated[str, typer.Option(help="As for generate.")] = "auto",
+    device: DeviceOpt = "auto",
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the grid and JSON go.")] = Path("compare"),
+    json_out: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
+) -> None:
+    """The same seed through every backend: same image or not, how far off, how fast. Exit 1 if any breaks its bound."""
+    from sdcli import compare as cmp
+    from sdcli import pipeline
+
+    if exact_tol <= 0 or quantized_tol <= 0:
+        raise SdcliError("--exact-tol and --quantized-tol must be positive")
+    names = [n.strip() for n in backends_.split(",") if n.strip()] if backends_ else None
+    settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, model=model, steps=steps,
+                                 guidance=guidance, width=width, height=height, seed=seed, scheduler=scheduler,
+                                 dtype=dtype, vae_dtype=vae_dtype, device=device, backend=reference,
+                                 output_dir=output_dir)
+    settings.validate()
+    with err.status("comparing", spinner="dots") if not quiet and err.is_terminal else nullcontext() as status:
+        result = cmp.compare(settings, names, reference, cmp.Thresholds(exact_tol, quantized_tol),
+                             on_progress=(lambda text: status.update(f"comparing: {text}")) if status else None)
+    result = cmp.save(result, output_dir)
+    if json_out:
+        emit_json(result)
+    elif not quiet:
+        print_compare(result)
+    broken = [r["backend"] for r in result["rows"] if r["verdict"] in (cmp.FAIL, cmp.FAILED)]
+    if broken:
+        raise CompareFailed(f"{len(broken)} backend(s) broke their bound or failed: {', '.join(broken)}")
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def print_compare(result: dict) -> None:
+    t = Table(title=f"{result['model']}, seed {result['seed']}, {result['steps']} steps, {result['dtype']} on "
+                    f"{result['gpu']}, against {result['reference']}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("backend", "verdict", "kernel err", "×round", "step err", "PSNR", "SSIM", "max|Δ|", "s", "GiB"):
+        t.add_column(col, justify="left" if col in ("backend", "verdict") else "right")
+    for r in result["rows"]:
+        k = r.get("kernel") or {}
+        style = {"pass": "green", "reference": "bold"}.get(r["verdict"], "red")
+        kind = "" if r["verdict"] == "reference" else f" [dim]{r['kind'][:5]}[/]"
+        psnr = "∞" if r.get("identical") else _fmt(r.get("psnr_db"), ".1f")
+        t.add_row(r["backend"], f"[{style}]{r['verdict']}[/]{kind}", _fmt(k.get("max_rel_error"), ".1e"),
+                  _fmt(k.get("max_ratio"), ".2f"), _fmt(r.get("step_rel_error"), ".1e"), psnr,
+                  _fmt(r.get("ssim"), ".4f"), _fmt(r.get("max_abs_diff"), ".0f"), _fmt(r.get("seconds"), ".2f"),
+                  _fmt(r.get("peak_memory_gb"), ".2f"))
+    out.print(t)
+    for r in result["rows"]:
+        if r["verdict"] not in ("pass", "reference"):
+            out.print(f"[red]{r['backend']} {r['verdict']}[/]: {r['why']}", soft_wrap=True)
+        elif r.get("fallback_layers"):
+            out.print(f"{r['backend']}: {r['fallback_layers']} of {r['layers']} layers served by "
+                      f"{result['reference']} (the backend can't take them)", soft_wrap=True)
+    t0 = result["thresholds"]
+    out.print(f"kernel err: worst layer's relative error against fp32 math; ×round: that, over the error of plain "
+              f"attention in {result['dtype']} (exact kernels pass at ≤ {t0['exact_tol']:g}×; quantized ones at a "
+              f"relative error ≤ {t0['quantized_tol']:g}). step err: latent after step 1. max|Δ| in 0-255.",
+              soft_wrap=True, style="dim")
+    out.print(f"grid: {result['grid']}\nreport: {result['json']}", soft_wrap=True)

@@ -238,7 +238,8 @@ def set_scheduler(pipe, name: str) -> str:
 def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=None,
              name_for=None) -> Run:
     """Generate `items` (default: all of the settings' work) in batches, saving each image as it finishes.
-    `name_for(item)` gives the file stem (default: item.stem); on_step() and on_image(result) report progress."""
+    `name_for(item)` gives the file stem (default: item.stem); on_step(step, latents) and on_image(result)
+    report progress."""
     import torch
 
     s = run.settings
@@ -265,24 +266,25 @@ def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=N
     return run
 
 
-def render(run: Run, batch: list[Item], on_step=None):
-    """One pipeline call for a batch: latents from the UNet, decoded by sdcli to catch NaN where it starts."""
+def render(run: Run, batch: list[Item], on_step=None, steps: int | None = None):
+    """One pipeline call for a batch: latents from the UNet, decoded by sdcli to catch NaN where it starts.
+    Returns (images as float arrays in [0, 1], one problem or None per image)."""
     import numpy as np
     import torch
 
     s, pipe = run.settings, run.pipe
     generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]  # same latents on any device
 
-    def step_end(_pipe, _step, _t, kwargs):
+    def step_end(_pipe, step, _t, kwargs):
         if on_step:
-            on_step()
+            on_step(step, kwargs["latents"])
         return kwargs
 
     with torch.inference_mode():
         latents = pipe(
             prompt=[item.prompt for item in batch],
             negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
-            num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,
+            num_inference_steps=steps or s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,
             generator=generators, output_type="latent", callback_on_step_end=step_end,
         ).images
         bad_latents = [bool(torch.isnan(x).any()) for x in latents]
@@ -402,7 +404,7 @@ def read_recipe(path: Path) -> dict:
 
 
 def save_png(image, folder: Path, stem: str, data: dict) -> Path:
-    """Write atomically under `stem`.png, or `stem`-1.png, ... if taken: never overwrite, never half-write."""
+    """An image with its recipe, written under a new name (see write_new)."""
     import numpy as np
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
@@ -411,11 +413,17 @@ def save_png(image, folder: Path, stem: str, data: dict) -> Path:
     info.add_text("parameters", a1111_parameters(data))
     info.add_text("sdcli", json.dumps(data, ensure_ascii=False))
     pixels = (np.nan_to_num(image, nan=0.0) * 255).round().astype("uint8")
-    tmp = folder / f".{stem}.{os.getpid()}.partial.png"
-    Image.fromarray(pixels).save(tmp, pnginfo=info)
+    return write_new(folder, stem, ".png", lambda path: Image.fromarray(pixels).save(path, format="PNG", pnginfo=info))
+
+
+def write_new(folder: Path, stem: str, suffix: str, write) -> Path:
+    """Write atomically under `stem+suffix`, or `stem-1+suffix`, ... if taken: never overwrite, never half-write.
+    `write(path)` writes the content to a temporary path, which is then linked into place."""
+    tmp = folder / f".{stem}.{os.getpid()}.partial{suffix}"
+    write(tmp)
     try:
         for n in range(10_000):
-            target = folder / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
+            target = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
             try:
                 os.link(tmp, target)  # fails if target exists: atomic no-overwrite
                 return target
@@ -428,7 +436,7 @@ def save_png(image, folder: Path, stem: str, data: dict) -> Path:
                     continue
                 os.replace(tmp, target)
                 return target
-        raise SdcliError(f"too many images named {stem}*.png in {folder}")
+        raise SdcliError(f"too many files named {stem}*{suffix} in {folder}")
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -84,3 +84,17 @@ def pixels(path):
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB")).copy()
+
+
+def make_plugin(folder, name, source, entry_points):
+    """An installed-looking package (a module plus a dist-info with `sdcli.backends` entry points) in `folder`;
+    put `folder` on PYTHONPATH and sdcli finds it the way it finds any plugin."""
+    import textwrap
+
+    (folder / f"{name}.py").write_text(textwrap.dedent(source))
+    dist = folder / f"{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "".join(f"{ep} = {name}:{obj}\n" for ep, obj in entry_points.items())
+    (dist / "entry_points.txt").write_text(f"[sdcli.backends]\n{lines}")
+    return {"PYTHONPATH": str(folder)}

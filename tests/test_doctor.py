@@ -3,11 +3,10 @@
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-from conftest import REPORTS, ROOT, run_sdcli
+from conftest import REPORTS, ROOT, make_plugin, run_sdcli
 
 
 def verdicts(cli, name):
@@ -137,7 +136,7 @@ def test_probe_runs_usable_backends_against_fp32(cli):
 
 def test_plugin_backend_from_entry_point_and_broken_plugin(tmp_path):
     """A package that declares an `sdcli.backends` entry point shows up in doctor; a broken one is reported."""
-    (tmp_path / "mykernel.py").write_text(textwrap.dedent("""
+    env = make_plugin(tmp_path, "mykernel", """
         import torch
         from sdcli.backends import Backend, head_dim_at_most
         def attention(q, k, v, attn_mask=None, scale=None):
@@ -147,13 +146,8 @@ def test_plugin_backend_from_entry_point_and_broken_plugin(tmp_path):
                           checks=[head_dim_at_most(64)])
         def broken():
             raise RuntimeError("kernel library missing")
-    """))
-    dist = tmp_path / "mykernel-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mykernel\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[sdcli.backends]\nmy-kernel = mykernel:backend\n"
-                                           "bad-kernel = mykernel:broken\n")
-    result = run_sdcli("doctor", "--json", env={"PYTHONPATH": str(tmp_path)})
+    """, {"my-kernel": "backend", "bad-kernel": "broken"})
+    result = run_sdcli("doctor", "--json", env=env)
     assert result.returncode == 0, result.stderr
     rows = {r["backend"]: r for r in json.loads(result.stdout)["verdicts"]["backends"]}
     assert rows["my-kernel"]["origin"] == "mykernel" and rows["my-kernel"]["status"] == "usable"

@@ -1,0 +1,337 @@
+"""`sdcli compare`: the same prompt and seed through every backend, and whether the image changed.
+
+Denoising amplifies tiny differences over many steps, so three levels of evidence are kept apart:
+- kernel: the real q/k/v of every attention layer, captured during the reference run, replayed
+  through each backend and compared with fp32 math (fp64 for fp32 runs);
+- one step: the latent after the first denoising step;
+- final image: PSNR, SSIM (torchmetrics) and the largest pixel difference.
+
+The verdict follows the backend's promise. An exact kernel may round at most `exact_tol` times as
+much as plain attention computed in the run's dtype (the "half-precision rounding" of that layer);
+a quantized kernel may be off by at most `quantized_tol` relative error. Every run starts from the
+same latents, and layers a backend can't take fall back to the reference backend, so a difference
+is that backend's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from sdcli import SdcliError, backends, pipeline, routing
+from sdcli.backends import EXACT, Backend
+
+PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
+
+
+@dataclass
+class Thresholds:
+    exact_tol: float = 2.0       # × the rounding error of plain attention in the run's dtype
+    quantized_tol: float = 0.1   # relative L2 error at kernel level (SageAttention 2 reports ~0.01-0.05)
+
+
+@dataclass
+class Capture:
+    """The inputs of each layer's first attention call, kept for replay through every backend."""
+
+    calls: dict[str, tuple] = field(default_factory=dict)  # layer -> (q, k, v, mask, scale)
+
+
+class CapturingRouter(routing.Router):
+    def __init__(self, *args, capture: Capture, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capture = capture
+
+    def attend(self, layer, q, k, v, mask=None, scale=None):
+        if layer.name not in self.capture.calls:
+            self.capture.calls[layer.name] = (q.detach().clone(), k.detach().clone(), v.detach().clone(),
+                                              None if mask is None else mask.detach().clone(), scale)
+        return super().attend(layer, q, k, v, mask, scale)
+
+
+def choose(report: dict, device: str, names: list[str] | None, reference: str | None) -> tuple[Backend, list[Backend]]:
+    """The reference (default: the most exact backend here, SDPA's math kernel) and the backends to compare
+    (default: every one usable on this machine)."""
+    machine = backends.Machine(report, device)
+    try:
+        ref = backends.get(reference or "sdpa-math")
+        chosen = [backends.get(n) for n in names] if names else None
+    except KeyError as exc:
+        raise SdcliError(exc.args[0]) from None
+    if not ref.verdict(machine).usable:
+        raise SdcliError(f"reference backend {ref.name} can't run here: {ref.verdict(machine).reason}")
+    if chosen is None:
+        chosen = [b for b in backends.all_backends() if b.verdict(machine).usable and b.name != ref.name]
+    return ref, [b for b in chosen if b.name != ref.name]
+
+
+def attention64(q, k, v, mask, scale, dtype):
+    """Exact attention in a wide dtype: the kernel-level reference."""
+    import torch
+
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask = None if mask is None else mask.to(dtype) if mask.dtype != torch.bool else mask
+    return backends.get("sdpa-math").run(q, k, v, attn_mask=mask, scale=scale)
+
+
+def plain_attention(q, k, v, mask, scale):
+    """Attention as plain matmuls in the tensors' own dtype (softmax in fp32): what rounding alone costs."""
+    import torch
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return (torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v).transpose(1, 2)
+
+
+def relative_error(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def kernel_errors(capture: Capture, backend: Backend, machine: backends.Machine, layers) -> list[dict]:
+    """Replay every captured layer through `backend`; error against wide-dtype math, and against rounding."""
+    import torch
+
+    rows = []
+    info = {l.name: l for l in layers}
+    for name, (q, k, v, mask, scale) in capture.calls.items():
+        layer = info[name]
+        shape = backends.Shape(layer.heads, layer.head_dim, q.shape[1], k.shape[1],
+                               routing.DTYPE_NAMES.get(str(q.dtype), str(q.dtype)), mask is not None)
+        row = {"layer": name, "shape": str(shape)}
+        verdict = backend.verdict(machine, shape)
+        if not verdict.usable:
+            rows.append({**row, "status": "n/a", "why": verdict.reason})
+            continue
+        wide = torch.float64 if q.dtype == torch.float32 else torch.float32
+        exact = attention64(q, k, v, mask, scale, wide)
+        try:
+            with torch.inference_mode():
+                out = backend.run(q, k, v, attn_mask=mask, scale=scale)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            rows.append({**row, "status": "n/a", "why": f"kernel failed: {type(exc).__name__}: {exc}"[:300]})
+            continue
+        err = relative_error(out, exact)
+        rounding = relative_error(plain_attention(q, k, v, mask, scale), exact)
+        rows.append({**row, "status": "ok", "rel_error": err, "rounding": rounding,
+                     "ratio": err / max(rounding, 1e-12),
+                     "finite": bool(torch.isfinite(out).all())})
+    return rows
+
+
+def image_metrics(image, reference) -> dict:
+    """PSNR and SSIM (torchmetrics) and the largest pixel difference, on [0, 1] float images (H, W, C)."""
+    import numpy as np
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    a = torch.from_numpy(np.nan_to_num(image, nan=0.0)).permute(2, 0, 1)[None].double()
+    b = torch.from_numpy(reference).permute(2, 0, 1)[None].double()
+    max_diff = float((a - b).abs().max()) * 255
+    identical = max_diff == 0  # PSNR is infinite then; JSON has no infinity, so it is null with identical=true
+    return {"identical": identical,
+            "psnr_db": None if identical else float(peak_signal_noise_ratio(a, b, data_range=1.0)),
+            "ssim": float(structural_similarity_index_measure(a, b, data_range=1.0)),
+            "max_abs_diff": round(max_diff, 3)}
+
+
+@dataclass
+class Outcome:
+    backend: str
+    kind: str
+    image: object = None          # float array (H, W, C) in [0, 1]
+    step_latent: object = None
+    seconds: float | None = None
+    peak_memory_gb: float | None = None
+    served: dict = field(default_factory=dict)
+    fallback_layers: int = 0
+    layers: int = 0
+    problem: str | None = None
+    error: str | None = None
+
+
+def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, warmup: bool) -> Outcome:
+    """One image through `router`, after an untimed 1-step warm-up (kernel loading, autotuning)."""
+    import torch
+
+    cuda = run.device.startswith("cuda")
+    if warmup:
+        routing.route(run.pipe, routing.Router(router.chain, router.machine, router.strict, router.requested))
+        pipeline.render(run, [item], steps=1)
+    routing.route(run.pipe, router)
+    first = {}
+
+    def on_step(step, latents):
+        if step == 0:
+            first["latent"] = latents.detach().float().clone()
+
+    if cuda:
+        torch.cuda.synchronize(run.device)
+        torch.cuda.reset_peak_memory_stats(run.device)
+        before = torch.cuda.memory_allocated(run.device)
+    t0 = time.perf_counter()
+    images, problems = pipeline.render(run, [item], on_step)
+    if cuda:
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - t0
+    first_name = router.chain[0].name
+    return Outcome(
+        router.requested, router.chain[0].kind, image=images[0], step_latent=first.get("latent"), seconds=seconds,
+        peak_memory_gb=round((torch.cuda.max_memory_allocated(run.device) - before) / 2**30, 3) if cuda else None,
+        served=dict(router.served()), layers=len(router.layers), problem=problems[0],
+        fallback_layers=sum(1 for l in router.layers if first_name in l.refused and l.calls))
+
+
+def compare(settings: pipeline.Settings, names: list[str] | None = None, reference: str | None = None,
+            thresholds: Thresholds | None = None, on_progress=None, report: dict | None = None) -> dict:
+    """Run the reference and every backend on one prompt and seed; return rows with verdicts and images."""
+    from sdcli import hardware
+
+    thresholds = thresholds or Thresholds()
+    report = report or hardware.probe()
+    device = pipeline.choose_device(report, settings.device)
+    ref, others = choose(report, device, names, reference)
+    settings.backend = ref.name
+    settings.validate()
+    say = on_progress or (lambda text: None)
+    say(f"loading {settings.model}")
+    run = pipeline.prepare(settings, report)
+    machine = run.router.machine
+    item = pipeline.work_items(settings)[0]
+    capture = Capture()
+
+    say(f"reference: {ref.name}")
+    ref_router = CapturingRouter([ref], machine, strict=True, requested=ref.name, capture=capture)
+    reference_out = render_with(run, ref_router, item, warmup=True)
+    if reference_out.problem:
+        raise SdcliError(f"the reference run with {ref.name} came out bad: {reference_out.problem}")
+    layers = ref_router.layers
+
+    outcomes = [reference_out]
+    kernel_rows = {}
+    for backend in others:
+        say(f"{backend.name}")
+        router = routing.Router([backend, ref], machine, strict=False, requested=backend.name)
+        try:
+            outcome = render_with(run, router, item, warmup=True)
+            kernel_rows[backend.name] = kernel_errors(capture, backend, machine, layers)
+        except Exception as exc:  # a backend that crashes is reported; the others still run
+            text = str(exc).strip()
+            outcome = Outcome(backend.name, backend.kind,
+                              error=f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300])
+            _release_memory(run.device)
+        outcomes.append(outcome)
+    routing.route(run.pipe, routing.Router([ref], machine, True, ref.name))  # leave the pipeline as it was
+
+    rows = [summarise(o, reference_out, kernel_rows.get(o.backend), thresholds, is_reference=o is reference_out)
+            for o in outcomes]
+    return {
+        "model": run.model_name, "prompt": item.prompt, "seed": item.seed, "steps": settings.steps,
+        "device": device, "gpu": machine.gpu_label, "dtype": run.dtype, "vae_dtype": run.vae_dtype,
+        "reference": ref.name, "thresholds": thresholds.__dict__, "rows": rows,
+        "passed": all(r["verdict"] in (PASS, REFERENCE) for r in rows),
+        "_images": {o.backend: o.image for o in outcomes if o.image is not None},
+    }
+
+
+def _release_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool) -> dict:
+    row = {"backend": o.backend, "kind": o.kind, "seconds": o.seconds, "peak_memory_gb": o.peak_memory_gb,
+           "served": o.served, "layers": o.layers, "fallback_layers": o.fallback_layers, "error": o.error}
+    if is_reference:
+        return {**row, "verdict": REFERENCE, "why": "the reference", "kernel": None, "step_rel_error": 0.0,
+                "identical": True, "psnr_db": None, "ssim": 1.0, "max_abs_diff": 0.0}
+    if o.error:
+        return {**row, "verdict": FAILED, "why": o.error, "kernel": None}
+    row["step_rel_error"] = relative_error(o.step_latent, ref.step_latent) if o.step_latent is not None else None
+    row.update(image_metrics(o.image, ref.image))
+    measured = [k for k in kernels or [] if k["status"] == "ok"]
+    worst_ratio = max(measured, key=lambda k: k["ratio"], default=None)
+    worst_err = max(measured, key=lambda k: k["rel_error"], default=None)
+    row["kernel"] = {
+        "layers_measured": len(measured), "layers_na": len(kernels or []) - len(measured),
+        "max_rel_error": worst_err["rel_error"] if worst_err else None,
+        "max_rel_error_layer": worst_err["layer"] if worst_err else None,
+        "max_ratio": worst_ratio["ratio"] if worst_ratio else None,
+        "max_ratio_layer": worst_ratio["layer"] if worst_ratio else None,
+        "per_layer": kernels,
+    }
+    served_by_it = o.served.get(o.backend, 0)
+    if not served_by_it:
+        why = next((k["why"] for k in kernels or [] if k["status"] == "n/a"), "no layer")
+        return {**row, "verdict": FAILED, "why": f"served no attention call ({why})"}
+    if any(not k["finite"] for k in measured):
+        return {**row, "verdict": FAIL, "why": "non-finite attention output"}
+    if o.problem:
+        return {**row, "verdict": FAIL, "why": o.problem}
+    if o.kind == EXACT:
+        bound = f"≤ {t.exact_tol:g}× the rounding of plain {'/'.join(sorted({k['shape'].split()[-1] for k in measured}))} attention"
+        ok = worst_ratio is None or worst_ratio["ratio"] <= t.exact_tol
+        why = (f"kernel error {worst_ratio['ratio']:.2f}× rounding at {worst_ratio['layer']}, bound {t.exact_tol:g}×"
+               if worst_ratio else "no layer measured")
+    else:
+        bound = f"relative error ≤ {t.quantized_tol:g}"
+        ok = worst_err is None or worst_err["rel_error"] <= t.quantized_tol
+        why = (f"kernel error {worst_err['rel_error']:.3g} at {worst_err['layer']}, bound {t.quantized_tol:g}"
+               if worst_err else "no layer measured")
+    return {**row, "verdict": PASS if ok else FAIL, "why": why, "bound": bound}
+
+
+def grid(images: dict, rows: list[dict], reference: str):
+    """Side-by-side PNG: each image labelled with backend and verdict, and under it the difference from the
+    reference, amplified by one gain for the whole grid (written in the label) so magnitudes stay comparable."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = [r["backend"] for r in rows if r["backend"] in images]
+    ref = images[reference]
+    diffs = {n: np.abs(np.nan_to_num(images[n], nan=0.0) - ref).max(axis=2) for n in names}
+    top = max((float(np.percentile(d, 99.5)) for d in diffs.values()), default=0.0)
+    gain = float(np.clip(1.0 / top, 1.0, 255.0)) if top > 0 else 1.0
+    h, w = ref.shape[:2]
+    scale = max(1, -(-256 // w))  # small images are enlarged (nearest) so labels fit and pixels show
+    tw, th, label = w * scale, h * scale, 34
+    canvas = Image.new("RGB", (tw * len(names), (th + label) * 2), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=13)
+    verdicts = {r["backend"]: r["verdict"] for r in rows}
+    for i, n in enumerate(names):
+        x = i * tw
+        pic = Image.fromarray((np.nan_to_num(images[n], nan=0.0) * 255).round().astype("uint8"))
+        canvas.paste(pic.resize((tw, th), Image.NEAREST), (x, label))
+        color = {"pass": "darkgreen", "reference": "black"}.get(verdicts[n], "firebrick")
+        draw.text((x + 4, 2), n, fill="black", font=font)
+        draw.text((x + 4, 17), verdicts[n], fill=color, font=font)
+        heat = (np.clip(diffs[n] * gain, 0, 1) * 255).round().astype("uint8")
+        canvas.paste(Image.fromarray(heat).convert("RGB").resize((tw, th), Image.NEAREST), (x, th + 2 * label))
+        # PIL's default font has no Δ or ×: keep labels ASCII
+        draw.text((x + 4, th + label + 9), f"|diff| x{gain:.0f} (max {diffs[n].max() * 255:.0f}/255)",
+                  fill="black", font=font)
+    return canvas
+
+
+def save(result: dict, folder) -> dict:
+    """The grid PNG and the JSON report, under new names in `folder`."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    stem = f"compare-{result['seed']}"
+    picture = grid(result["_images"], result["rows"], result["reference"])
+    png = pipeline.write_new(folder, stem, ".png", lambda p: picture.save(p, format="PNG"))
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    public["grid"] = str(png)
+    js = pipeline.write_new(folder, stem, ".json", lambda p: p.write_text(json.dumps(public, indent=2, default=str)))
+    public["json"] = str(js)
+    return public
+
