@@ -27,6 +27,8 @@ BROKEN = "broken install"
 UNSUPPORTED_GPU = "unsupported on this GPU"
 
 DTYPES = ("fp32", "fp16", "bf16")
+EXACT_TOL = 2.0       # an exact kernel may round at most this × as much as plain attention in its dtype
+QUANTIZED_TOL = 0.1   # a quantized kernel may be off by at most this relative L2 error
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class Shape:
     kv_len: int | None = None
     dtype: str = "fp16"
     mask: bool = False
+    batch: int | None = None  # known for shapes seen in a run; the checks don't depend on it
+
+    @property
+    def key(self) -> tuple:
+        """What a kernel choice depends on (not the batch)."""
+        return (self.heads, self.head_dim, self.q_len, self.kv_len, self.dtype, self.mask)
 
     def __str__(self) -> str:
         seq = f" q{self.q_len}·kv{self.kv_len}" if self.q_len else ""
@@ -246,6 +254,7 @@ class Backend:
     attention: Callable | None = None  # or this: fn(q, k, v, attn_mask=None, scale=None), (B, S, H, D) layout
     checks: list[Check] = field(default_factory=list)
     origin: str = "sdcli"              # or the distribution that registered it
+    in_auto: bool = True               # whether measured `auto` and `bench` try it (False: slow by design)
 
     def verdict(self, machine: Machine, shape: Shape | None = None) -> Verdict:
         for check in self.checks:
@@ -330,9 +339,10 @@ for _b in [
             diffusers_name="_native_efficient", checks=[cuda, sm_at_least(5, 0)]),
     Backend("sdpa-cudnn", "PyTorch SDPA, cuDNN attention kernel only", diffusers_name="_native_cudnn",
             checks=[cuda, sm_at_least(8, 0), half, head_dim_at_most(128)]),
-    Backend("sdpa-math", "PyTorch SDPA, reference math kernel (slow, the most exact)", diffusers_name="_native_math"),
+    Backend("sdpa-math", "PyTorch SDPA, reference math kernel (slow, the most exact)", diffusers_name="_native_math",
+            in_auto=False),  # materialises the whole score matrix: the reference, never the fastest
     Backend("flex", "PyTorch flex_attention (slow unless compiled)", diffusers_name="flex",
-            checks=[torch_at_least("2.5")]),
+            checks=[torch_at_least("2.5")], in_auto=False),  # eager flex is unfused
     Backend("flash-attn", "FlashAttention-2 (flash-attn package)", diffusers_name="flash",
             checks=[package("flash_attn", "flash-attn", "2.6.3", FLASH_HOW), cuda, sm_at_least(8, 0),
                     half, head_dim_at_most(256), no_mask]),
@@ -410,8 +420,55 @@ def assess(report: dict, device: str | None = None, dtype: str | None = None) ->
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 5, batch: int = 1) -> dict:
-    """Run one backend once at one shape: error against fp32 math, median time, and TFLOP/s."""
+def reference_attention(q, k, v, mask=None, scale=None):
+    """Exact attention in a wide dtype (fp64 for fp32 inputs, else fp32): the kernel-level reference."""
+    import torch
+
+    wide = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
+    q, k, v = (t.to(wide) for t in (q, k, v))
+    mask = mask.to(wide) if mask is not None and mask.dtype != torch.bool else mask
+    return get("sdpa-math").run(q, k, v, attn_mask=mask, scale=scale)
+
+
+def plain_attention(q, k, v, mask=None, scale=None):
+    """Attention as plain matmuls in the tensors' own dtype (softmax in fp32): what rounding alone costs."""
+    import torch
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return (torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v).transpose(1, 2)
+
+
+def relative_error(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def accuracy(out, q, k, v, mask=None, scale=None, exact=None) -> dict:
+    """Error against exact attention, and that error over the rounding of plain attention in q's dtype."""
+    import torch
+
+    exact = reference_attention(q, k, v, mask, scale) if exact is None else exact
+    err = relative_error(out, exact)
+    rounding = relative_error(plain_attention(q, k, v, mask, scale), exact)
+    return {"rel_error": err, "rounding": rounding, "ratio": err / max(rounding, 1e-12),
+            "finite": bool(torch.isfinite(out).all())}
+
+
+def within_bound(kind: str, acc: dict, exact_tol: float = EXACT_TOL, quantized_tol: float = QUANTIZED_TOL) -> bool:
+    """An exact kernel may round at most `exact_tol`× as much as plain attention; a quantized one may be off by
+    at most `quantized_tol` relative error (see sdcli compare)."""
+    if not acc["finite"]:
+        return False
+    return acc["ratio"] <= exact_tol if kind == EXACT else acc["rel_error"] <= quantized_tol
+
+
+def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 5, batch: int = 1,
+            min_seconds: float = 0.05) -> dict:
+    """Run one backend at one shape on random inputs: accuracy against exact attention, median time, TFLOP/s.
+    Repeats until `min_seconds` of work or 20× `repeats` calls, so tiny shapes are not timed on noise."""
     import time
     import warnings
 
@@ -419,29 +476,32 @@ def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 
 
     dtype = getattr(torch, TORCH_DTYPES[shape.dtype])
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, n, shape.heads, shape.head_dim, generator=gen)
+    q, k, v = (torch.randn(batch, n, shape.heads, shape.head_dim, generator=gen).to(device, dtype)
                for n in (shape.q_len, shape.kv_len, shape.kv_len))
-    ref = get("sdpa-math").run(*(t.to(device) for t in (q, k, v))).float()
-    q, k, v = (t.to(device, dtype) for t in (q, k, v))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     try:
         with warnings.catch_warnings():  # flex warns on every eager call; its summary already says so
             warnings.simplefilter("ignore", UserWarning)
-            out = backend.run(q, k, v).float()
+            out = backend.run(q, k, v)
             sync()
-            for _ in range(repeats):
+            while len(times) < repeats or (sum(times) < min_seconds and len(times) < 20 * repeats):
                 t0 = time.perf_counter()
                 backend.run(q, k, v)
                 sync()
                 times.append(time.perf_counter() - t0)
-    except Exception as exc:
-        return {"backend": backend.name, "shape": str(shape), "ok": False,
-                "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]}
+    except Exception as exc:  # out of memory too: the backend is not viable at this shape
+        del q, k, v
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        text = str(exc).strip()
+        return {"backend": backend.name, "kind": backend.kind, "shape": str(shape), "batch": batch, "ok": False,
+                "error": f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
     seconds = sorted(times)[len(times) // 2]
     flops = 4 * batch * shape.heads * shape.q_len * shape.kv_len * shape.head_dim
+    acc = accuracy(out, q, k, v)
     return {
-        "backend": backend.name, "shape": str(shape), "ok": bool(torch.isfinite(out).all()),
-        "rel_error": ((out - ref).norm() / ref.norm()).item(), "max_abs_error": (out - ref).abs().max().item(),
-        "ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
+        "backend": backend.name, "kind": backend.kind, "shape": str(shape), "batch": batch,
+        "ok": within_bound(backend.kind, acc), **acc,
+        "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "calls_timed": len(times),
     }

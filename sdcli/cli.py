@@ -181,7 +181,7 @@ def doctor(
     dtype: Annotated[Optional[str], typer.Option(help="Judge shapes in this dtype: fp16, bf16 or fp32.")] = None,
 ) -> None:
     """What this machine can run: GPU, packages, and a verdict with a fix for every attention backend."""
-    from sdcli import backends, hardware
+    from sdcli import backends, hardware, tuning
 
     if dtype and dtype not in backends.DTYPES:
         raise SdcliError(f"--dtype must be one of {', '.join(backends.DTYPES)}, not {dtype!r}")
@@ -194,10 +194,14 @@ def doctor(
     probed = None
     if probe:
         probed = probe_backends(data, verdicts, quiet=json_out)
+    plans = [] if report else tuning.cached_plans(data, device)  # plans measured on this machine
     if json_out:
-        emit_json({"report": data, "verdicts": verdicts, "probe": probed})
+        emit_json({"report": data, "verdicts": verdicts, "probe": probed, "plans": plans})
     else:
         print_doctor(data, verdicts, probed)
+        for plan in plans:
+            out.print(plan_table(plan, tuning.summary(plan)))
+            out.print(f"  {plan['path']}", style="dim", soft_wrap=True)
 
 
 CPU_PROBE_SEQ = 1024
@@ -250,6 +254,13 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 FallbackOpt = Annotated[bool, typer.Option(help="Let other backends serve the layers a named --backend can't.")]
 QuantizedOpt = Annotated[bool, typer.Option(
     "--quantized", help="Let --backend auto use quantized kernels (SageAttention): faster, results move more.")]
+TuneOpt = Annotated[bool, typer.Option(
+    help="--backend auto measures the fastest backend per layer shape on first use and caches it; --no-tune "
+         "uses the documented order instead.")]
+RetuneOpt = Annotated[bool, typer.Option("--retune", help="Measure auto's plan again, ignoring the cached one.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (slow first call).")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="UNet and VAE in channels-last memory format.")]
+FuseQkvOpt = Annotated[bool, typer.Option("--fuse-qkv", help="diffusers' fused q/k/v projections.")]
 
 
 @app.command()
@@ -261,6 +272,11 @@ def generate(
     backend: BackendOpt = "auto",
     fallback: FallbackOpt = False,
     quantized: QuantizedOpt = False,
+    tune: TuneOpt = True,
+    retune: RetuneOpt = False,
+    compile_: CompileOpt = False,
+    channels_last: ChannelsLastOpt = False,
+    fuse_qkv: FuseQkvOpt = False,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
     width: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
@@ -288,12 +304,22 @@ def generate(
         prompts=prompts, negative_prompt=negative_prompt, model=model, steps=steps, guidance=guidance,
         width=width, height=height, seed=seed, batch_size=batch_size, num_images=num_images, scheduler=scheduler,
         dtype=dtype, vae_dtype=vae_dtype, device=device, backend=backend, fallback=fallback, quantized=quantized,
+        tune=tune, retune=retune, compile=compile_, channels_last=channels_last, fuse_qkv=fuse_qkv,
         output_dir=output_dir)
     settings.validate()  # fail on bad input before the slow imports
-    with err.status("loading the model", spinner="dots") if not quiet else nullcontext():
-        run = pipeline.prepare(settings)
+    run = prepare_with_status(settings, quiet)
     run_with_progress(run, pipeline.work_items(settings), quiet=quiet or not err.is_terminal)
     report_run(run, json_out, quiet, verbose)
+
+
+def prepare_with_status(settings, quiet: bool):
+    """pipeline.prepare with a spinner that says what is slow: loading, measuring auto's plan, compiling."""
+    from sdcli import pipeline
+
+    if quiet or not err.is_terminal:
+        return pipeline.prepare(settings)
+    with err.status("loading the model", spinner="dots") as status:
+        return pipeline.prepare(settings, on_progress=lambda text: status.update(f"measuring auto's plan: {text}"))
 
 
 def run_with_progress(run, items, quiet: bool, name_for=None) -> None:
@@ -354,6 +380,8 @@ def report_run(run, json_out: bool, quiet: bool, verbose: bool) -> None:
                   + (f", peak GPU memory {run.peak_memory_gb} GiB" if run.peak_memory_gb is not None else ""),
                   soft_wrap=True)
         print_attention(summary["attention"], verbose)
+        if summary["tuning"]:
+            print_tuning(summary["tuning"], verbose)
     if summary["problems"]:
         raise BadImages(summary["problems"])
 
@@ -369,6 +397,27 @@ class BadImages(SdcliError):
         super().__init__(f"{len(problems)} image(s) came out NaN or black (kept, see above): {problems[0]['problem']}")
 
 
+def print_tuning(plan: dict, verbose: bool) -> None:
+    from sdcli import tuning
+
+    where = "cached" if plan["cached"] else "measured now"
+    out.print(f"Auto's plan: {where}, {plan['path']} (--retune to measure again)", soft_wrap=True)
+    if verbose:
+        out.print(plan_table(plan, tuning.summary(plan)))
+
+
+def plan_table(plan: dict, rows: list[dict]) -> Table:
+    k = plan["key"]
+    t = Table(title=f"Measured plan: {k['model']} {k['width']}x{k['height']}, batch {k['batch_size']}, {k['dtype']} on "
+                    f"{k['machine']}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("shape", "batch", "choice", "ms", "runner-up", "ms ", "sdpa ms", "failed the accuracy bound"):
+        t.add_column(col, justify="right" if "ms" in col or col == "batch" else "left")
+    for r in rows:
+        t.add_row(r["shape"], str(r["batch"]), r["choice"] or "-", _fmt(r["ms"], ".3f"), r["runner_up"] or "-",
+                  _fmt(r["runner_up_ms"], ".3f"), _fmt(r["sdpa_ms"], ".3f"), ", ".join(r["refused"]))
+    return t
+
+
 def print_attention(att: dict, verbose: bool) -> None:
     served = ", ".join(f"{b} {n} calls" for b, n in att["served"].items())
     out.print(f"Attention ({att['requested']}): {served}", soft_wrap=True)
@@ -376,12 +425,12 @@ def print_attention(att: dict, verbose: bool) -> None:
         out.print(f"  fallback: {f['layer']} → {f['backend']} ({f['instead_of']}: {f['why']})", soft_wrap=True)
     if not verbose:
         return
-    t = Table(title="Attention plan: which kernel served which layers ([kernel] = what torch's SDPA picked)",
+    t = Table(title="Attention plan: which kernel served which layers (\\[kernel]: what torch's SDPA picked)",
               title_justify="left")
     for col in ("part", "kind", "heads×dim", "dtype", "layers", "sequences (q, kv)", "served (calls)", "passed over"):
         t.add_column(col, overflow="fold")
     for g in att["groups"]:
-        calls = ", ".join(f"{b}: {n}" + (f" [{g['kernels'][b].replace('_attention', '')}]" if b in g["kernels"] else "")
+        calls = ", ".join(f"{b}: {n}" + (f" \\[{g['kernels'][b].replace('_attention', '')}]" if b in g["kernels"] else "")
                           for b, n in g["calls"].items())
         t.add_row(g["part"], g["kind"], f"{g['heads']}×{g['head_dim']}", g["dtype"], str(g["layers"]),
                   " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), calls,
@@ -477,3 +526,118 @@ def print_compare(result: dict) -> None:
               f"relative error ≤ {t0['quantized_tol']:g}). step err: latent after step 1. max|Δ| in 0-255.",
               soft_wrap=True, style="dim")
     out.print(f"grid: {result['grid']}\nreport: {result['json']}", soft_wrap=True)
+
+
+# ----- bench --------------------------------------------------------------------------------------------
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SdcliError(f"{option} takes comma-separated whole numbers, like 1,2,4,8; not {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise SdcliError(f"{option} needs positive numbers, not {text!r}")
+    return sorted(set(values))
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="As for generate; default: SD 1.5's architecture with "
+                                                             "random weights (sd15-arch), no download.")] = "sd15-arch",
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,2,4,8,16",
+    backends_: Annotated[Optional[str], typer.Option(
+        "--backends", help="Comma-separated backends; default: every exact one usable here (not the slow "
+                           "sdpa-math and eager flex). Stock diffusers and auto are always measured.")] = None,
+    compile_: CompileOpt = False,
+    channels_last: ChannelsLastOpt = False,
+    fuse_qkv: FuseQkvOpt = False,
+    steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (CFG doubles the UNet batch).")] = 7.5,
+    width: Annotated[Optional[int], typer.Option(help="Default: the model's native size.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Default: the model's native size.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per point; the median is reported.")] = 3,
+    find_max: Annotated[bool, typer.Option(help="Search the largest batch that fits (doubling, then bisection).")] = True,
+    max_batch: Annotated[int, typer.Option(help="Upper limit of that search.")] = 256,
+    micro: Annotated[bool, typer.Option(help="Also time every backend alone at the model's attention shapes.")] = True,
+    dtype: DtypeOpt = "auto",
+    vae_dtype: Annotated[str, typer.Option(help="As for generate.")] = "auto",
+    device: DeviceOpt = "auto",
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the JSON and plot go.")] = Path("bench"),
+    json_out: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
+) -> None:
+    """The throughput experiment: images/s by batch size for stock diffusers, each backend and auto; largest batch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sdcli import bench as bn
+    from sdcli import pipeline
+
+    sizes = parse_ints(batch_sizes, "--batch-sizes")
+    if repeats < 1 or max_batch < 1:
+        raise SdcliError("--repeats and --max-batch must be at least 1")
+    names = [n.strip() for n in backends_.split(",") if n.strip()] if backends_ else None
+    options = tuple(o for o, on in (("fuse-qkv", fuse_qkv), ("channels-last", channels_last), ("compile", compile_)) if on)
+    settings = pipeline.Settings(prompts=["a photo of an astronaut riding a horse on mars"], model=model, steps=steps,
+                                 guidance=guidance, width=width, height=height, seed=0, dtype=dtype,
+                                 vae_dtype=vae_dtype, device=device, backend="sdpa", output_dir=output_dir)
+    settings.validate()
+    for name in names or []:
+        settings.backend = name
+        settings.validate()  # unknown names fail here, before loading anything
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=quiet or not err.is_terminal, transient=True) as bar:
+        task = bar.add_task("loading the model", total=None)
+
+        def on_progress(text, advance=0):
+            bar.update(task, description=text, advance=advance)
+
+        result = bn.bench(settings, sizes, repeats, names, options, find_max, max_batch, micro,
+                          on_progress=on_progress)
+    result = bn.save(result, output_dir)
+    if json_out:
+        emit_json(result)
+    elif not quiet:
+        print_bench(result)
+
+
+def print_bench(r: dict) -> None:
+    t = Table(title=f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, CFG {r['guidance']:g}, {r['dtype']} on "
+                    f"{r['gpu']}: images/s (whole pipeline, median of {r['repeats']})", title_justify="left",
+              box=box.SIMPLE_HEAD)
+    t.add_column("configuration")
+    for b in r["batch_sizes"]:
+        t.add_column(f"b={b}", justify="right")
+    for col in ("best", "× diffusers", "s/img b=1", "max batch", "peak GiB"):
+        t.add_column(col, justify="right")
+    for c in r["configs"]:
+        by_batch = {p["batch"]: p for p in c["points"]}
+        cells = []
+        for b in r["batch_sizes"]:
+            p = by_batch.get(b)
+            cells.append("-" if p is None else "OOM" if p["oom"] else f"{p['images_per_s']:.3f}")
+        best = c["best"]
+        peak = by_batch.get(best["batch"], {}).get("peak_gb") if best else None
+        t.add_row(c["name"], *cells, f"{best['images_per_s']:.3f} @{best['batch']}" if best else "-",
+                  _fmt(c.get("speedup_vs_diffusers"), ".2f"), _fmt(c.get("s_per_image_batch1"), ".3f"),
+                  str(c["largest_batch"]) if c.get("largest_batch") is not None else "-", _fmt(peak, ".2f"))
+    out.print(t)
+    if r.get("attention"):
+        a = Table(title="Attention kernels alone at the model's shapes (batch = 1 image with CFG): ms, TFLOP/s",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("shape", "batch", "fastest first (✗ = outside its accuracy bound)"):
+            a.add_column(col, overflow="fold")
+        for e in r["attention"]:
+            rows = sorted(e["measurements"], key=lambda m: m.get("ms", float("inf")))
+            cells = [f"{m['backend']} {m['ms']:.3f} ({m['tflops']:.2f})" + ("" if m["ok"] else " ✗")
+                     if "ms" in m else f"{m['backend']} failed" for m in rows]
+            shape = e["shape"]
+            a.add_row(str(backends_shape(shape)), str(shape.get("batch")), ", ".join(cells))
+        out.print(a)
+    out.print(f"plot: {r['plot']}\njson: {r['json']}", soft_wrap=True)
+
+
+def backends_shape(data: dict):
+    from sdcli.backends import Shape
+
+    return Shape(**data)

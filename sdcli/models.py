@@ -87,11 +87,95 @@ def tiny():
     return pipe
 
 
-BUILTIN = {"tiny": tiny}
+# ----- full-size architectures with random weights: for measuring speed and memory offline ---------------
+
+SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+          "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, "latent_channels": 4}
+SD_UNET = {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
+           "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+           "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "hidden_act": "quick_gelu", "projection_dim": 768}
+# The published configurations (stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
+# stabilityai/stable-diffusion-xl-base-1.0); only the tokenizer is sdcli's own byte-level one.
+ARCHITECTURES = {
+    "sd15-arch": {
+        "pipeline": "StableDiffusionPipeline", "size": 512,
+        "unet": {**SD_UNET, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
+        "vae": {**SD_VAE, "sample_size": 512},
+        "text_encoders": [("CLIPTextModel", CLIP_L)],
+        "scheduler": ("PNDMScheduler", {**SD_SCHEDULE, "skip_prk_steps": True, "set_alpha_to_one": False}),
+    },
+    "sd21-arch": {
+        "pipeline": "StableDiffusionPipeline", "size": 768,
+        "unet": {**SD_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
+                 "use_linear_projection": True},
+        "vae": {**SD_VAE, "sample_size": 768},
+        "text_encoders": [("CLIPTextModel", {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                                             "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512})],
+        "scheduler": ("DDIMScheduler", {**SD_SCHEDULE, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+                                        "clip_sample": False}),
+    },
+    "sdxl-arch": {
+        "pipeline": "StableDiffusionXLPipeline", "size": 1024,
+        "unet": {"sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
+                 "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20),
+                 "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+                 "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816},
+        "vae": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "text_encoders": [("CLIPTextModel", CLIP_L),
+                          ("CLIPTextModelWithProjection", {"hidden_size": 1280, "intermediate_size": 5120,
+                                                           "num_hidden_layers": 32, "num_attention_heads": 20,
+                                                           "hidden_act": "gelu", "projection_dim": 1280})],
+        "scheduler": ("EulerDiscreteScheduler", {**SD_SCHEDULE, "timestep_spacing": "leading"}),
+    },
+}
+
+
+def architecture(name: str, device: str = "cpu"):
+    """A full-size pipeline with random weights, built directly on `device` (no CPU copy of a GPU model;
+    'meta' builds shapes only). Deterministic per device. Not for images: its pictures are noise."""
+    quiet_libraries()
+    import diffusers
+    import torch
+    import transformers
+
+    spec = ARCHITECTURES[name]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # seeds the CUDA generators too
+    try:
+        with torch.device(device):
+            unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+            vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"])
+            encoders, tokenizers = [], []
+            for cls, cfg in spec["text_encoders"]:
+                tokenizer = tiny_tokenizer()
+                encoders.append(getattr(transformers, cls)(transformers.CLIPTextConfig(
+                    vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg)))
+                tokenizers.append(tokenizer)
+    finally:
+        torch.random.set_rng_state(state)
+    cls_name, cfg = spec["scheduler"]
+    parts = {"vae": vae, "unet": unet, "scheduler": getattr(diffusers, cls_name)(**cfg),
+             "text_encoder": encoders[0], "tokenizer": tokenizers[0]}
+    if len(encoders) == 2:
+        parts.update(text_encoder_2=encoders[1], tokenizer_2=tokenizers[1])
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return getattr(diffusers, spec["pipeline"])(**parts)
+
+
+BUILTIN = {"tiny": lambda device: tiny(), **{n: (lambda device, n=n: architecture(n, device)) for n in ARCHITECTURES}}
 
 
 def describe_builtins() -> dict[str, str]:
-    return {"tiny": "random-weight SD 1.x-shaped pipeline, 128², a few MB, built offline (images are noise)"}
+    arch = {n: f"{n.split('-')[0].upper()} architecture at {s['size']}², published configuration, random weights: "
+               "for speed and memory, not images" for n, s in ARCHITECTURES.items()}
+    return {"tiny": "random-weight SD 1.x-shaped pipeline, 128², a few MB, built offline (images are noise)", **arch}
 
 
 def _offline() -> bool:
@@ -130,7 +214,7 @@ def load(model: str, dtype: str = "fp32", device: str = "cpu"):
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     if kind == "builtin":
-        pipe, name = BUILTIN[where](), where
+        pipe, name = BUILTIN[where](device), where
     elif kind == "folder":
         pipe, name = _from_folder(where, torch_dtype), Path(where).name
     elif kind == "checkpoint":

@@ -52,7 +52,15 @@ class Settings:
     backend: str = "auto"
     fallback: bool = False
     quantized: bool = False
+    tune: bool = True          # `auto` measures its plan on first use (sdcli.tuning); False: the documented order
+    retune: bool = False
+    compile: bool = False      # torch.compile the UNet
+    channels_last: bool = False
+    fuse_qkv: bool = False     # diffusers' fused q/k/v projections
     output_dir: Path = Path("outputs")
+
+    def __post_init__(self):
+        self.output_dir = Path(self.output_dir)
 
     def validate(self) -> None:
         """Every check that needs no model: bad input fails here, before anything loads."""
@@ -151,6 +159,7 @@ class Run:
     model_name: str = ""
     router: object = None
     sampler: str = ""
+    tuning: dict | None = None  # the measured plan `auto` used
     images: list[ImageResult] = field(default_factory=list)
     seconds: float = 0.0
     load_seconds: float = 0.0
@@ -169,6 +178,7 @@ class Run:
             "images_per_second": round(n / self.seconds, 4) if n and self.seconds else None,
             "peak_gpu_memory_gb": self.peak_memory_gb,
             "attention": self.router.to_json() if self.router else None,
+            "tuning": self.tuning,
             "problems": [r.to_json() for r in self.images if r.problem],
         }
 
@@ -191,14 +201,15 @@ def choose_device(report: dict, device: str | None) -> str:
     return f"cuda:{index}"
 
 
-def prepare(settings: Settings, report: dict | None = None) -> Run:
-    """Validate, probe, load the model, set the scheduler and route attention. Nothing generated yet."""
-    from sdcli import hardware, models, routing
+def prepare(settings: Settings, report: dict | None = None, on_progress=None) -> Run:
+    """Validate, probe, load the model, set the scheduler, measure or read `auto`'s plan, route attention and
+    apply the speed options. Nothing is generated yet. on_progress(text) hears about slow steps."""
+    from sdcli import hardware, models, routing, tuning
 
     if settings.seed is None:
         settings.seed = secrets.randbelow(2**32)
     settings.validate()
-    kind, _ = models.resolve(settings.model)  # a missing model fails before the slow imports
+    models.resolve(settings.model)  # a missing model fails before the slow imports
     report = report or hardware.probe()
     device = choose_device(report, settings.device)
     machine = backends.Machine(report, device)
@@ -213,11 +224,38 @@ def prepare(settings: Settings, report: dict | None = None) -> Run:
 
         pipe.vae.to(getattr(torch, backends.TORCH_DTYPES[vae_dtype]))
     sampler = set_scheduler(pipe, settings.scheduler)
-    run = Run(settings, report, device, dtype, vae_dtype, pipe=pipe, model_name=name, sampler=sampler,
-              load_seconds=time.perf_counter() - t0)
+    run = Run(settings, report, device, dtype, vae_dtype, pipe=pipe, model_name=name, sampler=sampler)
+    apply_speed_options(pipe, settings.fuse_qkv, settings.channels_last)
+    preferred = None
+    if settings.backend == routing.AUTO and settings.tune:
+        run.tuning = tuning.load_or_tune(run, settings.quantized, settings.retune, on_progress)
+        preferred = tuning.preferences(run.tuning)
     run.router = routing.route(pipe, routing.Router.for_request(
-        settings.backend, report, device, settings.fallback, settings.quantized))
+        settings.backend, report, device, settings.fallback, settings.quantized, preferred))
+    if settings.compile:
+        compile_unet(run, settings.batch_size)
+    run.load_seconds = time.perf_counter() - t0
     return run
+
+
+def apply_speed_options(pipe, fuse_qkv: bool = False, channels_last: bool = False) -> None:
+    """Options diffusers users know. Fuse before routing: diffusers installs its own fused processor, which
+    routing then replaces with sdcli's (it handles fused projections)."""
+    import torch
+
+    if fuse_qkv:
+        pipe.fuse_qkv_projections()
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+
+
+def compile_unet(run: Run, batch: int) -> None:
+    """torch.compile the UNet after one eager step, so every attention route exists before dynamo traces
+    (the warm-up's calls are not counted)."""
+    render(run, work_items(run.settings)[:1] * batch, steps=1)
+    run.router.reset_counts()
+    run.pipe.unet.compile()
 
 
 def set_scheduler(pipe, name: str) -> str:
@@ -333,7 +371,7 @@ def attention_summary(router) -> str:
     per: dict[str, dict[str, int]] = {}
     for layer in router.layers:
         part = layer.name.split(".")[0]
-        for backend in layer.calls:
+        for backend in layer.served():
             per.setdefault(backend, {}).setdefault(part, 0)
             per[backend][part] += 1
     return ", ".join(f"{b} ({', '.join(f'{p} {n} layer' + 's' * (n != 1) for p, n in parts.items())})"

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from torch.compiler import is_compiling
+
 from sdcli import SdcliError, backends
 from sdcli.backends import Backend, Machine, Shape
 
@@ -51,31 +53,46 @@ class Layer:
     backend: str | None = None                       # the plan's choice for this layer's static shape
     refused: dict[str, str] = field(default_factory=dict)  # backend -> why it was passed over
     calls: Counter = field(default_factory=Counter)   # backend -> calls that it served
-    seqs: set = field(default_factory=set)            # (q_len, kv_len) seen
+    shapes: set = field(default_factory=set)          # every full Shape seen, batch included
     kernels: dict[str, str] = field(default_factory=dict)  # backend -> the kernel torch picked, for `sdpa`
     routes: dict = field(default_factory=dict, repr=False)  # (q_len, kv_len, masked, dtype) -> Backend
+    # Inside a torch.compile graph a Python int can't be counted without a recompile per call (dynamo guards on
+    # its value), so compiled calls add to a tensor instead; `served` sums both.
+    graph_calls: dict = field(default_factory=dict, repr=False)  # backend -> 0-d int64 tensor on the device
+
+    def served(self) -> Counter:
+        total = Counter(self.calls)
+        for name, count in self.graph_calls.items():
+            total[name] += int(count.item())
+        return +total
 
     def to_json(self) -> dict:
         return {
             "layer": self.name, "kind": self.kind, "heads": self.heads, "head_dim": self.head_dim,
             "dtype": self.dtype, "backend": self.backend, "refused": dict(self.refused),
-            "calls": dict(self.calls), "seqs": sorted(self.seqs), "kernels": dict(self.kernels),
+            "calls": dict(self.served()), "seqs": self.seqs, "kernels": dict(self.kernels),
         }
+
+    @property
+    def seqs(self) -> list[tuple[int, int]]:
+        return sorted({(s.q_len, s.kv_len) for s in self.shapes})
 
 
 class Router:
     """Chooses and counts. `chain` is the order to try per layer; `strict` means only chain[0] may serve."""
 
-    def __init__(self, chain: list[Backend], machine: Machine, strict: bool, requested: str):
+    def __init__(self, chain: list[Backend], machine: Machine, strict: bool, requested: str,
+                 preferred: dict | None = None):
         self.chain = chain
         self.machine = machine
         self.strict = strict
         self.requested = requested
+        self.preferred = preferred or {}  # Shape.key -> backend name, from a measured plan (sdcli.tuning)
         self.layers: list[Layer] = []
 
     @classmethod
     def for_request(cls, requested: str, report: dict, device: str, fallback: bool = False,
-                    quantized: bool = False) -> "Router":
+                    quantized: bool = False, preferred: dict | None = None) -> "Router":
         """`auto`, or one backend name: strict, or with `fallback` followed by auto's order."""
         machine = Machine(report, device)
         if requested == AUTO:
@@ -87,7 +104,8 @@ class Router:
             names = [requested] + ([n for n in auto_order(machine, quantized) if n != requested] if fallback else [])
         registered = {b.name: b for b in backends.all_backends()}
         chain = [registered[n] for n in names if n in registered]
-        return cls(chain, machine, strict=requested != AUTO and not fallback, requested=requested)
+        return cls(chain, machine, strict=requested != AUTO and not fallback, requested=requested,
+                   preferred=preferred)
 
     # ----- planning -------------------------------------------------------------------------------------
 
@@ -131,7 +149,10 @@ class Router:
             backend, out = self._first_call(layer, key, q, k, v, mask, scale)
         else:
             out = backend.run(q, k, v, attn_mask=mask, scale=scale)
-        layer.calls[backend.name] += 1
+        if is_compiling():
+            layer.graph_calls[backend.name].add_(1)
+        else:
+            layer.calls[backend.name] += 1
         return out
 
     def _first_call(self, layer: Layer, key, q, k, v, mask, scale):
@@ -139,17 +160,23 @@ class Router:
         import torch
 
         shape = Shape(layer.heads, layer.head_dim, q.shape[1], k.shape[1],
-                      DTYPE_NAMES.get(str(q.dtype), str(q.dtype)), mask is not None)
+                      DTYPE_NAMES.get(str(q.dtype), str(q.dtype)), mask is not None, batch=q.shape[0])
+        layer.shapes.add(shape)
         machine = self._machine(q.device)
         start = [b.name for b in self.chain].index(layer.backend)
-        for backend in self.chain[start:]:
+        candidates = self.chain[start:]
+        if shape.key in self.preferred:  # measured fastest for this shape: try it first
+            best = backends.get(self.preferred[shape.key])
+            candidates = [best] + [b for b in candidates if b is not best]
+        for backend in candidates:
             verdict = backend.verdict(machine, shape)
             reason = verdict.reason
             if verdict.usable:
                 try:
                     out = backend.run(q, k, v, attn_mask=mask, scale=scale)
                     layer.routes[key] = backend
-                    layer.seqs.add((shape.q_len, shape.kv_len))
+                    if backend.name not in layer.graph_calls:
+                        layer.graph_calls[backend.name] = torch.zeros((), dtype=torch.int64, device=q.device)
                     if backend.diffusers_name == "native":
                         layer.kernels[backend.name] = sdpa_kernel_choice(q, k, v, mask)
                     return backend, out
@@ -166,17 +193,27 @@ class Router:
 
     # ----- evidence ---------------------------------------------------------------------------------------
 
+    def reset_counts(self) -> None:
+        """Forget calls so far (a warm-up's), keeping the routes."""
+        import torch
+
+        for layer in self.layers:
+            layer.calls.clear()
+            with torch.inference_mode():  # the counters were made inside the pipeline's inference mode
+                for count in layer.graph_calls.values():
+                    count.zero_()  # in place: a compiled graph holds on to these very tensors
+
     def served(self) -> Counter:
         """Calls per backend over all layers: what actually ran."""
         total = Counter()
         for layer in self.layers:
-            total.update(layer.calls)
+            total.update(layer.served())
         return total
 
     def fallbacks(self) -> list[dict]:
         """Layers not served by the first backend of the chain, and why."""
         first = self.chain[0].name
-        return [{"layer": l.name, "backend": ", ".join(l.calls) or l.backend, "instead_of": first,
+        return [{"layer": l.name, "backend": ", ".join(l.served()) or l.backend, "instead_of": first,
                  "why": l.refused.get(first, "")}
                 for l in self.layers if first in l.refused]
 
@@ -189,8 +226,8 @@ class Router:
                                         "dtype": l.dtype, "layers": 0, "calls": Counter(), "seqs": set(),
                                         "refused": {}, "kernels": {}})
             g["layers"] += 1
-            g["calls"].update(l.calls)
-            g["seqs"] |= l.seqs
+            g["calls"].update(l.served())
+            g["seqs"] |= set(l.seqs)
             g["refused"].update(l.refused)
             g["kernels"].update(l.kernels)
         return [{**g, "calls": dict(g["calls"]), "seqs": sorted(g["seqs"])} for g in groups.values()]
@@ -306,3 +343,9 @@ def unroute(pipe) -> None:
         model = getattr(pipe, part, None)
         if model is not None:
             model.set_attn_processor(AttnProcessor2_0())
+
+
+def seen_shapes(router: Router) -> list[Shape]:
+    """The distinct attention shapes a run met (batch included), biggest first: the model's real shapes."""
+    shapes = {s for layer in router.layers for s in layer.shapes}
+    return sorted(shapes, key=lambda s: (-(s.batch or 1) * s.heads * s.q_len * s.kv_len * s.head_dim, str(s)))

@@ -13,6 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORTS = Path(__file__).parent / "reports"
 
 
+def pytest_configure(config):
+    # auto's measured plans go to a cache of this test session, not the user's (subprocesses inherit it)
+    import tempfile
+
+    os.environ["SDCLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdcli-test-cache-")
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_items = [i for i in items if "gpu" in i.keywords]
     if not gpu_items:

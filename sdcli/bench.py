@@ -1,0 +1,271 @@
+"""`sdcli bench`: the throughput experiment behind sdcli.
+
+Whole-pipeline images per second (text encoder, every denoising step with classifier-free guidance,
+VAE decode) by batch size, for stock diffusers, for each backend, for measured `auto` and for `auto`
+with the speed options; seconds per image at batch 1; peak memory; the largest batch that fits,
+found by doubling and bisection, recovering from out-of-memory; and the attention kernels timed
+alone at the model's real shapes. Warm-up first, CUDA-synchronised timing, median of repeats.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from sdcli import backends, pipeline, routing, tuning
+
+STOCK = "diffusers"
+
+
+@dataclass
+class Config:
+    """One line of the plot: how attention is served, and which speed options are on."""
+
+    name: str
+    backend: str | None  # None: stock diffusers, its own processors, nothing routed
+    options: tuple[str, ...] = ()  # from: fuse-qkv, channels-last, compile
+
+    @property
+    def compiled(self) -> bool:
+        return "compile" in self.options
+
+
+def choose_configs(report: dict, device: str, names: list[str] | None, options: tuple[str, ...]) -> list[Config]:
+    """Stock diffusers, each named backend (default: every exact one usable here), auto, and auto with the
+    speed options if any. Option configs come last: fused projections and compilation change the model."""
+    machine = backends.Machine(report, device)
+    if names is None:
+        names = [b.name for b in backends.all_backends()
+                 if b.kind == backends.EXACT and b.in_auto and b.verdict(machine).usable]
+    configs = [Config(STOCK, None)] + [Config(n, n) for n in names if n != routing.AUTO] + [Config("auto", "auto")]
+    if options:
+        configs.append(Config("auto+" + "+".join(options), "auto", options))
+    return configs
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def release() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def largest_batch(fits, limit: int) -> tuple[int, list[tuple[int, bool]]]:
+    """The largest batch in 1..limit for which fits(batch) is True: doubling, then bisection.
+    Returns it (0 if not even 1 fits) and every (batch, fitted) tried."""
+    tried = []
+
+    def check(b: int) -> bool:
+        ok = fits(b)
+        tried.append((b, ok))
+        return ok
+
+    good, bad, b = 0, None, 1
+    while b <= limit:  # double until something does not fit
+        if not check(b):
+            bad = b
+            break
+        good, b = b, b * 2
+    if bad is None and good < limit:  # every doubling fitted: the limit itself is the last candidate
+        if check(limit):
+            return limit, tried
+        bad = limit
+    while bad is not None and bad - good > 1:  # bisect between what fitted and what did not
+        mid = (good + bad) // 2
+        if check(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, tried
+
+
+@dataclass
+class Runner:
+    """Holds the loaded pipeline and switches it between configurations."""
+
+    run: pipeline.Run
+    repeats: int
+    on_progress: object = None
+    applied: set = field(default_factory=set)
+
+    def say(self, text: str, advance: int = 0) -> None:
+        if self.on_progress:
+            self.on_progress(text, advance)
+
+    def use(self, config: Config, batch: int, tune: bool = True) -> routing.Router | None:
+        """Route (or un-route) the pipeline for `config` at `batch`; auto measures or reads its plan for `batch`
+        (with tune=False it keeps the plan it has: the batch search needs memory, not speed)."""
+        run = self.run
+        new = {o for o in config.options if o != "compile"} - self.applied
+        pipeline.apply_speed_options(run.pipe, "fuse-qkv" in new, "channels-last" in new)
+        self.applied |= new
+        if config.backend is None:
+            routing.unroute(run.pipe)
+            return None
+        preferred = None
+        if config.backend == routing.AUTO:
+            if tune or run.tuning is None:
+                run.settings.batch_size = batch
+                run.tuning = tuning.load_or_tune(run, on_progress=lambda t: self.say(f"auto's plan: {t}"))
+            preferred = tuning.preferences(run.tuning)
+        run.router = routing.route(run.pipe, routing.Router.for_request(
+            config.backend, run.report, run.device, fallback=True, preferred=preferred))
+        if config.compiled and "compile" not in self.applied:
+            pipeline.compile_unet(run, batch)
+            self.applied.add("compile")
+        return run.router
+
+    def render(self, batch: int, steps: int | None = None) -> float:
+        import torch
+
+        items = pipeline.work_items(self.run.settings)[:1] * batch
+        cuda = self.run.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize(self.run.device)
+        t0 = time.perf_counter()
+        pipeline.render(self.run, items, steps=steps)
+        if cuda:
+            torch.cuda.synchronize(self.run.device)
+        return time.perf_counter() - t0
+
+    def point(self, config: Config, batch: int) -> dict:
+        """Throughput of `config` at `batch`: a short warm-up, then the median of `repeats` full runs."""
+        import torch
+
+        cuda = self.run.device.startswith("cuda")
+        try:
+            router = self.use(config, batch)
+            self.render(batch, steps=2)  # warm-up: kernel loading, autotuning, compilation
+            if router:
+                router.reset_counts()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(self.run.device)
+            times = [self.render(batch) for _ in range(self.repeats)]
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            release()
+            return {"batch": batch, "oom": True}
+        seconds = statistics.median(times)
+        point = {
+            "batch": batch, "oom": False, "seconds": seconds, "times": times,
+            "images_per_s": batch / seconds, "s_per_image": seconds / batch,
+            "peak_gb": round(torch.cuda.max_memory_allocated(self.run.device) / 2**30, 3) if cuda else None,
+            "served": dict(router.served()) if router else None,  # stock diffusers: its own processors, uncounted
+        }
+        if config.backend == routing.AUTO:
+            point["plan"] = {"path": self.run.tuning["path"], "cached": self.run.tuning["cached"]}
+        return point
+
+    def fits(self, config: Config, batch: int) -> bool:
+        """Does one denoising step plus the decode fit at `batch`? Out-of-memory means no, not a crash."""
+        self.say(f"{config.name}: does batch {batch} fit?")
+        try:
+            self.use(config, batch, tune=False)
+            self.render(batch, steps=1)
+            return True
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            release()
+            return False
+
+
+def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
+          options: tuple[str, ...] = (), find_max: bool = True, max_batch: int = 256, micro: bool = True,
+          on_progress=None, report: dict | None = None) -> dict:
+    from sdcli import hardware
+
+    report = report or hardware.probe()
+    settings.backend, settings.tune = "sdpa", False  # loaded plainly; each config routes for itself
+    run = pipeline.prepare(settings, report)
+    configs = choose_configs(report, run.device, names, options)
+    runner = Runner(run, repeats, on_progress)
+    machine = backends.Machine(report, run.device)
+    result = {
+        "model": run.model_name, "device": run.device, "gpu": backends.Machine(report, run.device).gpu_label,
+        "dtype": run.dtype, "vae_dtype": run.vae_dtype, "steps": settings.steps, "guidance": settings.guidance,
+        "width": settings.width or pipeline.native_size(run.pipe), "height": settings.height or pipeline.native_size(run.pipe),
+        "repeats": repeats, "batch_sizes": batch_sizes, "versions": {k: v.get("version") for k, v in
+                                                                    report.get("packages", {}).items()},
+        "configs": [],
+    }
+    if micro:  # first: the compiled configurations come last and would have to recompile for it
+        runner.say("attention kernels at the model's shapes")
+        routing.route(run.pipe, routing.Router.for_request("sdpa", report, run.device))
+        run.settings.batch_size = 1
+        result["attention"] = tuning.measure_shapes(tuning.collect_shapes(run), machine, quantized=True,
+                                                    on_progress=lambda t: runner.say(f"kernels: {t}"), everything=True)
+    for config in configs:
+        points = []
+        for batch in batch_sizes:
+            runner.say(f"{config.name}: batch {batch}")
+            point = runner.point(config, batch)
+            points.append(point)
+            runner.say(f"{config.name}: batch {batch}", advance=1)
+            if point["oom"]:
+                break  # larger batches won't fit either
+        row = {"name": config.name, "backend": config.backend, "options": list(config.options), "points": points}
+        done = [p for p in points if not p["oom"]]
+        best = max(done, key=lambda p: p["images_per_s"], default=None)
+        row["best"] = {"batch": best["batch"], "images_per_s": best["images_per_s"]} if best else None
+        row["s_per_image_batch1"] = next((p["s_per_image"] for p in done if p["batch"] == 1), None)
+        if find_max and not config.compiled:  # a compiled UNet recompiles per batch size: searched uncompiled
+            row["largest_batch"], row["search"] = largest_batch(lambda b: runner.fits(config, b), max_batch)
+        result["configs"].append(row)
+    stock = next(c for c in result["configs"] if c["name"] == STOCK)
+    for row in result["configs"]:
+        if row["best"] and stock["best"]:
+            row["speedup_vs_diffusers"] = row["best"]["images_per_s"] / stock["best"]["images_per_s"]
+    return result
+
+
+def plot(result: dict, path) -> None:
+    """Images/s against batch size, one line per configuration; the largest batch that fits is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for row in result["configs"]:
+        done = [p for p in row["points"] if not p["oom"]]
+        if not done:
+            continue
+        style = "--" if row["name"] == STOCK else "-"
+        label = row["name"] + (f" (max batch {row['largest_batch']})" if row.get("largest_batch") else "")
+        ax.plot([p["batch"] for p in done], [p["images_per_s"] for p in done], style, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result["batch_sizes"], [str(b) for b in result["batch_sizes"]])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size (images per pipeline call)")
+    ax.set_ylabel("images / s (whole pipeline)")
+    ax.set_title(f"{result['model']} {result['width']}x{result['height']}, {result['steps']} steps, CFG, "
+                 f"{result['dtype']}\n{result['gpu']}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def save(result: dict, folder) -> dict:
+    """The JSON and the plot, under new names."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    stem = f"bench-{result['model'].replace('/', '_')}-{result['dtype']}"
+    result["plot"] = str(pipeline.write_new(folder, stem, ".png", lambda p: plot(result, p)))
+    result["json"] = str(pipeline.write_new(folder, stem, ".json",
+                                            lambda p: p.write_text(json.dumps(result, indent=2, default=str))))
+    return result

@@ -1,0 +1,153 @@
+"""Measured plans for `--backend auto`: the fastest backend that keeps the result, per attention shape,
+measured once on this machine and remembered.
+
+A plan is keyed by what decides which kernel wins: the GPU (or CPU), the driver, the versions of torch,
+diffusers and the kernel packages, the dtype, and the model's attention shapes (its configuration, image
+size and batch). On first use it collects the model's real shapes with a one-step render, times every
+eligible backend at each (exact ones; quantized ones too with `--quantized`), drops those that break
+their accuracy bound (see `sdcli compare`), and keeps the fastest. The plan is a JSON file in the cache
+directory, reused until `--retune`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from sdcli import backends, routing
+from sdcli.backends import EXACT, Machine, Shape
+
+VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "xformers", "sageattention")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SDCLI_CACHE_DIR"):
+        return Path(os.environ["SDCLI_CACHE_DIR"]) / "plans"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdcli" / "plans"
+
+
+def plan_key(run, quantized: bool) -> dict:
+    """Everything a measured plan depends on; its hash names the cache file."""
+    from sdcli import pipeline
+
+    machine = Machine(run.report, run.device)
+    pipe = run.pipe
+    # diffusers' private config keys (e.g. _use_default_values, built from a set) vary between processes
+    config = json.dumps([{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in (pipe.unet, pipe.vae)],
+                        sort_keys=True, default=str)
+    size = pipeline.native_size(pipe)
+    plugins = sorted(f"{b.name}@{b.origin}" for b in backends.all_backends() if b.origin != "sdcli")
+    return {
+        "machine": machine.gpu_label if machine.is_cuda else f"CPU {run.report.get('system', {}).get('cpu')}",
+        "driver": run.report.get("nvml", {}).get("driver"),
+        "versions": {k: run.report.get("packages", {}).get(k, {}).get("version") for k in VERSION_KEYS},
+        "plugins": plugins,
+        "dtype": run.dtype, "vae_dtype": run.vae_dtype,
+        "model": run.model_name, "model_config": hashlib.sha256(config.encode()).hexdigest()[:16],
+        "width": run.settings.width or size, "height": run.settings.height or size,
+        "batch_size": run.settings.batch_size, "quantized": quantized,
+    }
+
+
+def plan_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"{digest}.json"
+
+
+def collect_shapes(run) -> list[Shape]:
+    """The model's real attention shapes: a one-step render at the run's size and batch, recorded."""
+    from sdcli import pipeline
+
+    router = routing.route(run.pipe, routing.Router.for_request("auto", run.report, run.device))
+    item = pipeline.work_items(run.settings)[0]
+    pipeline.render(run, [item] * run.settings.batch_size, steps=1)
+    return routing.seen_shapes(router)
+
+
+def candidates(machine: Machine, shape: Shape, quantized: bool, everything: bool = False) -> list:
+    """Backends that can take `shape` here: exact ones (quantized too if asked), those meant for auto unless
+    `everything` (the micro-benchmark times them all)."""
+    return [b for b in backends.all_backends()
+            if (b.kind == EXACT or quantized) and (b.in_auto or everything) and b.verdict(machine, shape).usable]
+
+
+def measure_shapes(shapes: list[Shape], machine: Machine, quantized: bool, on_progress=None,
+                   everything: bool = False) -> list[dict]:
+    """Time every eligible backend at every shape; the fastest within its accuracy bound is the choice."""
+    entries = []
+    for shape in shapes:
+        rows = []
+        for backend in candidates(machine, shape, quantized, everything):
+            if on_progress:
+                on_progress(f"{backend.name} at {shape}")
+            rows.append(backends.measure(backend, shape, machine.device, batch=shape.batch or 1))
+        good = [r for r in rows if r["ok"]]
+        choice = min(good, key=lambda r: r["ms"])["backend"] if good else None
+        entries.append({"shape": asdict(shape), "choice": choice, "measurements": rows})
+    return entries
+
+
+def load_or_tune(run, quantized: bool = False, retune: bool = False, on_progress=None) -> dict:
+    """The cached plan for this run's key, or a new one measured now. Returns the plan with `path` and
+    `cached` (whether it came from the cache)."""
+    key = plan_key(run, quantized)
+    path = plan_path(key)
+    if path.is_file() and not retune:
+        try:
+            plan = json.loads(path.read_text())
+            if plan.get("key") == key:
+                return {**plan, "path": str(path), "cached": True}
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged cache file is measured again
+    machine = Machine(run.report, run.device)
+    plan = {"key": key, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "shapes": measure_shapes(collect_shapes(run), machine, quantized, on_progress)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(plan, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # no writable cache: the plan still serves this run
+    return {**plan, "path": str(path), "cached": False}
+
+
+def preferences(plan: dict) -> dict:
+    """Shape.key -> backend name, for routing.Router."""
+    return {Shape(**{**e["shape"], "batch": None}).key: e["choice"] for e in plan["shapes"] if e["choice"]}
+
+
+def cached_plans(report: dict, device: str | None = None) -> list[dict]:
+    """The plans measured on this machine (for `sdcli doctor`)."""
+    machine = Machine(report, device)
+    label = machine.gpu_label if machine.is_cuda else f"CPU {report.get('system', {}).get('cpu')}"
+    plans = []
+    for path in sorted(cache_dir().glob("*.json")):
+        try:
+            plan = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if plan.get("key", {}).get("machine") == label:
+            plans.append({**plan, "path": str(path)})
+    return plans
+
+
+def summary(plan: dict) -> list[dict]:
+    """One row per shape: the choice and how much faster it is than the runner-up and than plain sdpa."""
+    rows = []
+    for e in plan["shapes"]:
+        good = sorted((r for r in e["measurements"] if r["ok"]), key=lambda r: r["ms"])
+        sdpa = next((r for r in e["measurements"] if r["backend"] == "sdpa" and r["ok"]), None)
+        rows.append({
+            "shape": str(Shape(**e["shape"])), "batch": e["shape"].get("batch"), "choice": e["choice"],
+            "ms": good[0]["ms"] if good else None,
+            "runner_up": good[1]["backend"] if len(good) > 1 else None,
+            "runner_up_ms": good[1]["ms"] if len(good) > 1 else None,
+            "sdpa_ms": sdpa["ms"] if sdpa else None,
+            "refused": [r["backend"] for r in e["measurements"] if not r["ok"]],
+        })
+    return rows

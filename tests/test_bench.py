@@ -1,0 +1,148 @@
+"""`sdcli bench`, measured `auto`, the architecture models and the speed options."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_plugin, pixels, run_sdcli, sdpa
+from sdcli.bench import largest_batch
+
+TINY_BENCH = ["--model", "tiny", "--steps", "2", "--repeats", "1"]
+CALLS_PER_IMAGE = 14 * 2 + 1  # 14 UNet attention layers × 2 steps (CFG batched) + the VAE decoder's
+
+
+def test_bench_end_to_end_on_cpu(cli, tmp_path):
+    r = cli.json("bench", *TINY_BENCH, "--batch-sizes", "1,2", "--max-batch", "4", "-o", tmp_path)
+    names = [c["name"] for c in r["configs"]]
+    assert names[0] == "diffusers" and names[-1] == "auto" and {"sdpa", "sdpa-flash"} <= set(names)
+    for c in r["configs"]:
+        assert [p["batch"] for p in c["points"]] == [1, 2]
+        assert all(p["images_per_s"] > 0 and p["s_per_image"] > 0 for p in c["points"])
+        assert c["largest_batch"] == 4 and c["speedup_vs_diffusers"] > 0
+        if c["backend"] not in (None, "auto"):
+            assert all(p["served"] == {c["backend"]: CALLS_PER_IMAGE} for p in c["points"])
+    auto = r["configs"][-1]
+    assert all(p["plan"]["path"].endswith(".json") for p in auto["points"])
+    assert {tuple(m["backend"] for m in e["measurements"]) and e["choice"] for e in r["attention"]}
+    assert {(e["shape"]["heads"], e["shape"]["head_dim"]) for e in r["attention"]} == {(2, 16), (2, 32), (1, 64)}
+    assert Image.open(r["plot"]).size[0] > 500
+    assert json.loads(open(r["json"]).read())["configs"][0]["name"] == "diffusers"
+
+
+def test_largest_batch_search():
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 11
+
+    assert largest_batch(fits, 256) == (11, [(b, b <= 11) for b in tried])
+    assert tried == [1, 2, 4, 8, 16, 12, 10, 11]
+    assert largest_batch(lambda b: True, 100)[0] == 100
+    assert largest_batch(lambda b: False, 100)[0] == 0
+
+
+def test_bench_recovers_from_out_of_memory(tmp_path):
+    """A kernel that runs out of memory above 3 images: bench marks OOM, finds batch 3, and carries on."""
+    env = make_plugin(tmp_path, "oomkernel", """
+        import torch
+        from sdcli.backends import Backend
+        def attention(q, k, v, attn_mask=None, scale=None):
+            if q.shape[0] > 6:  # the UNet sees 2 × batch (CFG), the VAE 1 × batch
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
+        backend = Backend("oomy", "runs out of memory above batch 3", attention=attention)
+    """, {"oomy": "backend"})
+    result = run_sdcli("bench", *TINY_BENCH, "--backends", "oomy", "--batch-sizes", "1,2,4,8", "--max-batch", "16",
+                       "--no-micro", "--json", "-o", tmp_path / "out", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = {c["name"]: c for c in json.loads(result.stdout)["configs"]}
+    oomy = rows["oomy"]
+    assert [(p["batch"], p["oom"]) for p in oomy["points"]] == [(1, False), (2, False), (4, True)]
+    assert oomy["largest_batch"] == 3 and oomy["best"]["batch"] == 2
+    assert rows["auto"]["largest_batch"] == 16  # the runs after the OOM are unharmed
+
+
+def test_measured_auto_is_cached_reused_and_redone(cli, tmp_path, monkeypatch, register_backend):
+    import time
+
+    monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path / "cache"))
+
+    def slow(q, k, v, attn_mask=None, scale=None):
+        time.sleep(0.005)
+        return sdpa(q, k, v, attn_mask, scale)
+
+    register_backend("slow", slow)
+    register_backend("wrong", lambda q, k, v, attn_mask=None, scale=None: sdpa(q, k, v, scale=1.0))
+    args = ["generate", "a cat", "--model", "tiny", "--steps", "2", "--seed", "1", "-o", tmp_path / "out"]
+    first = cli.json(*args)
+    plan = first["tuning"]
+    assert plan["cached"] is False and (tmp_path / "cache" / "plans").is_dir()
+    choices = {tuple(e["shape"][k] for k in ("heads", "head_dim", "q_len", "kv_len")): e for e in plan["shapes"]}
+    assert len(choices) == 5
+    for e in plan["shapes"]:
+        measured = {m["backend"]: m for m in e["measurements"]}
+        assert {"sdpa", "sdpa-flash", "slow", "wrong"} <= set(measured)
+        assert measured["wrong"]["ok"] is False and measured["slow"]["ok"] is True
+        assert e["choice"] not in ("slow", "wrong")
+    for layer in first["attention"]["layers"]:  # what served each layer is the plan's choice for its shape
+        for q_len, kv_len in layer["seqs"]:
+            e = choices[(layer["heads"], layer["head_dim"], q_len, kv_len)]
+            assert set(layer["calls"]) == {e["choice"]}
+    second = cli.json(*args)
+    assert second["tuning"]["cached"] is True and second["tuning"]["path"] == plan["path"]
+    again = cli.json(*args, "--retune")
+    assert again["tuning"]["cached"] is False and again["tuning"]["created"] >= plan["created"]
+    assert cli.json(*args, "--no-tune")["tuning"] is None
+    doctor = cli.json("doctor")
+    assert [p["key"]["model"] for p in doctor["plans"]] == ["tiny"]
+    assert "Measured plan: tiny 128x128" in cli("doctor").stdout
+    assert "Auto's plan: cached" in cli(*args, "--verbose").stdout
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sd15-arch", {(8, 40, 4096, 4096), (8, 40, 4096, 77), (8, 80, 1024, 1024), (8, 80, 1024, 77),
+                   (8, 160, 256, 256), (8, 160, 256, 77), (8, 160, 64, 64), (8, 160, 64, 77), (1, 512, 4096, 4096)}),
+    ("sdxl-arch", {(10, 64, 4096, 4096), (10, 64, 4096, 77), (20, 64, 1024, 1024), (20, 64, 1024, 77),
+                   (1, 512, 16384, 16384)}),
+])
+def test_architecture_models_have_the_published_attention_shapes(name, expected):
+    """Built on the meta device: no memory, no compute, only shapes flow through the routed model."""
+    from sdcli import backends, models, routing
+
+    pipe = models.architecture(name, "meta")
+    router = routing.route(pipe, routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa"))
+    size = models.ARCHITECTURES[name]["size"] // 8
+    extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(2, 1280, device="meta"),
+                                   "time_ids": torch.zeros(2, 6, device="meta")}} if name == "sdxl-arch" else {}
+    with torch.no_grad():
+        pipe.unet(torch.zeros(2, 4, size, size, device="meta"), 10,
+                  torch.zeros(2, 77, pipe.unet.config.cross_attention_dim, device="meta"), **extra)
+        pipe.vae.decode(torch.zeros(1, 4, size, size, device="meta"))
+    assert {(s.heads, s.head_dim, s.q_len, s.kv_len) for s in routing.seen_shapes(router)} == expected
+    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    assert round(params) == {"sd15-arch": 860, "sdxl-arch": 2567}[name]
+
+
+def test_speed_options_keep_routing_and_the_image(cli, tmp_path):
+    base = cli.json("generate", "a cat", "--model", "tiny", "--steps", "2", "--seed", "3", "--backend", "sdpa",
+                    "-o", tmp_path / "a")
+    fast = cli.json("generate", "a cat", "--model", "tiny", "--steps", "2", "--seed", "3", "--backend", "sdpa",
+                    "--fuse-qkv", "--channels-last", "-o", tmp_path / "b")
+    assert fast["attention"]["served"] == base["attention"]["served"] == {"sdpa": CALLS_PER_IMAGE}
+    a, b = pixels(base["images"][0]["file"]), pixels(fast["images"][0]["file"])
+    assert abs(a.astype(int) - b.astype(int)).max() <= 2  # fused matmuls round a little differently
+
+
+def test_compile_counts_every_call_without_recompiling(cli, tmp_path):
+    import torch._dynamo
+
+    # a recompile per call (dynamo guarding on a Python counter) would raise here instead of silently crawling
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        data = cli.json("generate", "a cat", "--model", "tiny", "--steps", "2", "--seed", "1", "--backend", "sdpa",
+                        "--num-images", "3", "--compile", "-o", tmp_path)
+    assert data["attention"]["served"] == {"sdpa": 3 * CALLS_PER_IMAGE}
+    torch._dynamo.reset()
