@@ -186,7 +186,7 @@ def test_failing_rank_names_itself_and_the_item_and_the_others_finish(tmp_path):
     assert result.returncode != 0
     assert f"rank 1: RuntimeError in item 3 (seed 10): illegal memory access; 1 finished image kept in {out}" \
         in result.stderr
-    assert f"1 of 2 ranks failed" in result.stderr and "--resume" in result.stderr
+    assert "1 of 2 ranks failed" in result.stderr and "--resume" in result.stderr
     assert "Wrote 4 images" in result.stdout  # rank 0's summary counts every rank's finished images
     assert sorted(p.name[:5] for p in out.glob("*.png")) == ["00000", "00001", "00002", "00004"]
     assert not list(out.glob(".*.partial.png"))
