@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +26,19 @@ def torchrun(*args, nproc=2):
 
 
 # torchrun starts each process with OMP_NUM_THREADS=1; on the CPU the thread count changes how matmuls round,
-# so the single-process runs to compare with use one thread too.
+# so the single-process runs in this file (in-process, through `cli`) use one thread too. It also keeps them
+# from crawling when another process wants the same cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@contextmanager
+@pytest.fixture(autouse=True)
 def one_thread():
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    yield
+    torch.set_num_threads(before)
 
 
 def prompts_file(folder: Path, n: int) -> Path:
@@ -73,8 +71,7 @@ def test_two_ranks_make_the_single_process_images(cli, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Wrote 5 images") == 1 and "with 2 processes" in result.stdout  # rank 0 reports
-    with one_thread():
-        single = cli.json("generate", *args, "-o", tmp_path / "single")
+    single = cli.json("generate", *args, "-o", tmp_path / "single")
     names = sorted(Path(image["file"]).name for image in single["images"])
     assert sorted(p.name for p in (tmp_path / "ranks").glob("*.png")) == names and len(names) == 5
     for name in names:
@@ -116,9 +113,8 @@ def test_killed_run_resumes_with_nothing_lost_or_doubled(cli, tmp_path):
     survivors = {p.name: p.read_bytes() for p in out.glob("*.png")}
     assert 0 < len(survivors) < 6  # rank 0 still had its second batch to make
 
-    with one_thread():
-        resumed = cli.json("generate", *args, "-o", out, "--resume")  # one process now: shares change, names don't
-        reference = cli.json("generate", *args, "-o", tmp_path / "reference")
+    resumed = cli.json("generate", *args, "-o", out, "--resume")  # one process now: shares change, names don't
+    reference = cli.json("generate", *args, "-o", tmp_path / "reference")
     names = sorted(Path(image["file"]).name for image in reference["images"])
     assert sorted(p.name for p in out.glob("*.png")) == names  # one file per item: no -1 copies
     assert not list(out.glob(".*.partial.png"))
