@@ -290,12 +290,17 @@ def generate(
     vae_dtype: Annotated[str, typer.Option(help="auto (fp32 when fp16 would overflow), fp16, bf16 or fp32.")] = "auto",
     device: DeviceOpt = "auto",
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where images go; never overwritten.")] = Path("outputs"),
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Finish an interrupted run: skip items whose image is already in --output-dir (complete, "
+                         "same item and seed), make the rest. Needs the first run's --seed and settings.")] = False,
     json_out: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show which kernel served which layers.")] = False,
 ) -> None:
-    """Text to image, with attention routed per layer to the chosen backend. Images keep their recipe."""
-    from sdcli import pipeline
+    """Text to image, with attention routed per layer to the chosen backend. Images keep their recipe.
+
+    Under torchrun or `accelerate launch`, each process makes its share and rank 0 writes manifest.jsonl."""
+    from sdcli import distributed, pipeline
 
     if prompt and prompts_file:
         raise SdcliError("give a PROMPT or --prompts-file, not both")
@@ -306,32 +311,146 @@ def generate(
         dtype=dtype, vae_dtype=vae_dtype, device=device, backend=backend, fallback=fallback, quantized=quantized,
         tune=tune, retune=retune, compile=compile_, channels_last=channels_last, fuse_qkv=fuse_qkv,
         output_dir=output_dir)
+    if resume and seed is None:
+        raise SdcliError("--resume needs the --seed of the run it finishes (without one, seeds are random and "
+                         "no image on disk can match)")
     settings.validate()  # fail on bad input before the slow imports
+    ranks = distributed.detect()
+    if ranks.launched or resume:
+        generate_share(settings, ranks, resume, json_out, quiet, verbose)
+        return
     run = prepare_with_status(settings, quiet)
     run_with_progress(run, pipeline.work_items(settings), quiet=quiet or not err.is_terminal)
     report_run(run, json_out, quiet, verbose)
 
 
-def prepare_with_status(settings, quiet: bool):
+def prepare_with_status(settings, quiet: bool, report: dict | None = None):
     """pipeline.prepare with a spinner that says what is slow: loading, measuring auto's plan, compiling."""
     from sdcli import pipeline
 
     if quiet or not err.is_terminal:
-        return pipeline.prepare(settings)
+        return pipeline.prepare(settings, report)
     with err.status("loading the model", spinner="dots") as status:
-        return pipeline.prepare(settings, on_progress=lambda text: status.update(f"measuring auto's plan: {text}"))
+        return pipeline.prepare(settings, report,
+                                on_progress=lambda text: status.update(f"measuring auto's plan: {text}"))
 
 
-def run_with_progress(run, items, quiet: bool, name_for=None) -> None:
-    """Generate with a progress bar; Ctrl-C or an error keeps what finished and says where it is."""
+def generate_share(settings, ranks, resume: bool, json_out: bool, quiet: bool, verbose: bool) -> None:
+    """This process's share of the work (under a launcher, or with --resume), recorded line by line; then
+    every rank waits for the others, and rank 0 writes the manifest and reports. Other ranks print only errors.
+    A rank that fails says so at once, then waits too, so the others finish their shares."""
+    from sdcli import distributed, hardware, pipeline
+
+    folder = settings.output_dir
+    items = pipeline.work_items(settings)
+    mine = distributed.share(items, settings.batch_size, ranks)
+    several = ranks.world_size > 1
+    speaks = ranks.main and not quiet
+    run, done, error, code = None, {}, None, 0
+    try:
+        with distributed.open_part(folder, ranks.rank, resume) as part:
+            if resume:
+                done = distributed.finished(mine, settings)
+            if len(done) < len(mine):  # else this rank has nothing left to make: no model to load
+                settings.device = distributed.device_for(ranks, settings.device)
+                gpu = int(settings.device[5:]) if (settings.device or "").startswith("cuda:") else None
+                run = prepare_with_status(settings, not speaks, hardware.probe(only_gpu=gpu) if several else None)
+                run_with_progress(run, mine, quiet=not speaks or not err.is_terminal, skip=set(done),
+                                  on_saved=lambda result: distributed.record(
+                                      part, result, ranks.rank, pipeline.attention_summary(run.router)),
+                                  rank=ranks.rank if several else None)
+    except typer.Exit as exc:  # interrupted: run_with_progress said so
+        error, code = "interrupted", exc.exit_code
+    except KeyboardInterrupt:
+        error, code = "interrupted", 130
+        err.print(f"{'rank %d: ' % ranks.rank if several else ''}interrupted", soft_wrap=True)
+    except Exception as exc:
+        if os.environ.get("SDCLI_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        error = str(exc) if isinstance(exc, SdcliError) else f"{type(exc).__name__}: {exc}"
+        if several and not error.startswith(f"rank {ranks.rank}: "):
+            error = f"rank {ranks.rank}: {error}"
+        code = getattr(exc, "exit_code", 1)
+        err.print(f"[red]error:[/] {error}", soft_wrap=True)
+    outcome = {"rank": ranks.rank, "local_rank": ranks.local_rank, "host": distributed.host(),
+               "device": run.device if run else None, "error": error, "exit_code": code,
+               "images": [r.to_json() for r in run.images] if run else [], "skipped": sorted(done),
+               "seconds": round(run.seconds, 3) if run else 0.0,
+               "load_seconds": round(run.load_seconds, 3) if run else 0.0,
+               "peak_gpu_memory_gb": run.peak_memory_gb if run else None,
+               "served": dict(run.router.served()) if run and run.router else {}}
+    outcomes = distributed.gather(outcome, ranks)
+    try:
+        if ranks.main:
+            manifest = distributed.write_manifest(folder, distributed.merge(items, folder, ranks.world_size, resume))
+            if outcomes is None and several:
+                err.print("[yellow]warning:[/] the ranks can't wait for each other here (no MASTER_ADDR/MASTER_PORT "
+                          "from a launcher, or no torch.distributed), so the manifest lists only what was finished "
+                          "by now; run the same command with --resume to complete it", soft_wrap=True)
+            report_share(run, settings, outcomes or [outcome], manifest, json_out, quiet or code != 0, verbose)
+    except SdcliError as exc:  # said here, not after finish(): by then the launcher may be stopping this process
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        code = code or exc.exit_code
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        distributed.finish(ranks)
+    if code:
+        raise typer.Exit(code)
+
+
+def report_share(run, settings, outcomes: list[dict], manifest: Path, json_out: bool, quiet: bool,
+                 verbose: bool) -> None:
+    """Rank 0's report: every rank's images in one summary, the manifest, and which ranks failed. Rank 0's
+    exit status stays its own, so that the launcher names the rank that failed as the root cause."""
+    from sdcli import pipeline
+
+    images = sorted((image for o in outcomes for image in o["images"]), key=lambda image: image["item"])
+    seconds = max(o["seconds"] for o in outcomes)  # ranks run side by side
+    summary = run.summary() if run else {"settings": pipeline.settings_json(settings), "attention": None,
+                                         "output_dir": str(settings.output_dir), "model": None, "dtype": None}
+    peaks = [o["peak_gpu_memory_gb"] for o in outcomes if o["peak_gpu_memory_gb"] is not None]
+    summary.update({
+        "images": images, "problems": [image for image in images if image["problem"]],
+        "skipped": sorted(i for o in outcomes for i in o["skipped"]),
+        "device": ", ".join(dict.fromkeys(o["device"] for o in outcomes if o["device"])) or None,
+        "seconds": round(seconds, 3),
+        "seconds_per_image": round(sum(o["seconds"] for o in outcomes) / len(images), 4) if images else None,
+        "images_per_second": round(len(images) / seconds, 4) if images and seconds else None,
+        "peak_gpu_memory_gb": max(peaks) if peaks else None,
+        "manifest": str(manifest), "world_size": len(outcomes),
+        "ranks": [{k: v for k, v in o.items() if k != "images"} | {"images": len(o["images"])} for o in outcomes],
+    })
+    failed = [o for o in outcomes if o["error"] and o["rank"] != 0]
+    try:
+        report_run(run, json_out, quiet, verbose, summary)
+    except BadImages:
+        if not failed:
+            raise
+    if failed:  # each failed rank said what and where, and exits non-zero; this is the sum of it
+        n = len(images) + len(summary["skipped"])
+        err.print(f"[red]error:[/] {len(failed)} of {len(outcomes)} ranks failed "
+                  f"({'; '.join(o['error'] for o in failed)}); {n} finished image{'s' if n != 1 else ''} listed in "
+                  f"{manifest}; run the same command with --resume to make the rest", soft_wrap=True)
+
+
+def run_with_progress(run, items, quiet: bool, name_for=None, skip=frozenset(), on_saved=None,
+                      rank: int | None = None) -> None:
+    """Generate with a progress bar; Ctrl-C or an error keeps what finished and says where it is.
+    `skip`: items already on disk (--resume); on_saved(result) runs after each image is written; `rank`
+    names this process in messages when there are several."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sdcli import pipeline
 
+    todo = [item for item in items if item.index not in skip]
+    who = "" if rank is None else f"rank {rank}: "
     steps_per_batch = run.settings.steps
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err, disable=quiet) as bar:
-        images = bar.add_task("images", total=len(items))
+        images = bar.add_task("images", total=len(todo))
         steps = bar.add_task("steps", total=steps_per_batch)
 
         def on_step(_step, _latents):
@@ -341,14 +460,16 @@ def run_with_progress(run, items, quiet: bool, name_for=None) -> None:
 
         def on_image(result):
             bar.advance(images)
+            if on_saved:
+                on_saved(result)
             if result.problem:
                 err.print(f"[yellow]warning:[/] {result.path.name}: {result.problem}", soft_wrap=True)
 
         try:
-            pipeline.generate(run, items, on_step=on_step, on_image=on_image, name_for=name_for)
+            pipeline.generate(run, items, on_step=on_step, on_image=on_image, name_for=name_for, skip=skip)
         except KeyboardInterrupt:
             bar.stop()
-            err.print(f"interrupted: {kept(run)}", soft_wrap=True)
+            err.print(f"{who}interrupted: {kept(run)}", soft_wrap=True)
             raise typer.Exit(130) from None
         except SdcliError:
             raise
@@ -356,10 +477,13 @@ def run_with_progress(run, items, quiet: bool, name_for=None) -> None:
             if os.environ.get("SDCLI_DEBUG"):
                 raise
             bar.stop()
-            done = len(run.images)
-            failed = items[done] if done < len(items) else None
-            where = f" in image {done + 1} (item {failed.index}, seed {failed.seed})" if failed else ""
-            raise RunFailed(f"{type(exc).__name__}{where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            saved = {r.item.index for r in run.images}
+            failed = next((item for item in todo if item.index not in saved), None)  # first of the batch that broke
+            if failed and rank is None:
+                where = f" in image {len(saved) + 1} (item {failed.index}, seed {failed.seed})"
+            else:  # "image k" means little in one share of the work
+                where = f" in item {failed.index} (seed {failed.seed})" if failed else ""
+            raise RunFailed(f"{who}{type(exc).__name__}{where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                             f"; {kept(run)}") from None
 
 
@@ -368,19 +492,33 @@ def kept(run) -> str:
     return f"{n} finished image{'s' if n != 1 else ''} kept in {run.settings.output_dir}" if n else "no image was finished"
 
 
-def report_run(run, json_out: bool, quiet: bool, verbose: bool) -> None:
-    summary = run.summary()
+def report_run(run, json_out: bool, quiet: bool, verbose: bool, summary: dict | None = None) -> None:
+    """The summary (default: this process's run; report_share passes every rank's) as text or JSON."""
+    summary = summary or run.summary()
     if json_out:
         emit_json(summary)
     elif not quiet:
-        n = len(run.images)
-        out.print(f"Wrote {n} image{'s' if n != 1 else ''} to {run.settings.output_dir} "
-                  f"({run.model_name}, {run.device}, {run.dtype}): {summary['seconds_per_image']} s/image, "
-                  f"{summary['images_per_second']} images/s"
-                  + (f", peak GPU memory {run.peak_memory_gb} GiB" if run.peak_memory_gb is not None else ""),
+        n, ranks, skipped = len(summary["images"]), summary.get("world_size", 1), len(summary.get("skipped", []))
+        peak = summary["peak_gpu_memory_gb"]
+        what = ", ".join(str(x) for x in (summary["model"], summary["device"], summary["dtype"]) if x)
+        out.print(f"Wrote {n} image{'s' if n != 1 else ''} to {summary['output_dir']}"
+                  + (f" with {ranks} processes" if ranks > 1 else "") + (f" ({what})" if what else "")
+                  + (f": {summary['seconds_per_image']} s/image, {summary['images_per_second']} images/s"
+                     + (" in all" if ranks > 1 else "") if n else "")
+                  + (f", peak GPU memory {peak} GiB" if peak is not None else "")
+                  + (f"; {skipped} were already there (--resume)" if skipped else ""),
                   soft_wrap=True)
-        print_attention(summary["attention"], verbose)
-        if summary["tuning"]:
+        if summary.get("manifest"):
+            out.print(f"Manifest: {summary['manifest']}", soft_wrap=True)
+        if verbose and ranks > 1:
+            for r in summary["ranks"]:
+                out.print(f"  rank {r['rank']} ({r['host']}, {r['device'] or 'no model loaded'}): {r['images']} "
+                          f"image{'s' if r['images'] != 1 else ''} in {r['seconds']:.1f} s"
+                          + (f", {len(r['skipped'])} already there" if r["skipped"] else "")
+                          + (f"; {r['error']}" if r["error"] else ""), soft_wrap=True)
+        if summary["attention"]:  # None when rank 0 had nothing left to make
+            print_attention(summary["attention"], verbose, "rank 0" if ranks > 1 else "")
+        if summary.get("tuning"):
             print_tuning(summary["tuning"], verbose)
     if summary["problems"]:
         raise BadImages(summary["problems"])
@@ -418,9 +556,9 @@ def plan_table(plan: dict, rows: list[dict]) -> Table:
     return t
 
 
-def print_attention(att: dict, verbose: bool) -> None:
+def print_attention(att: dict, verbose: bool, who: str = "") -> None:
     served = ", ".join(f"{b} {n} calls" for b, n in att["served"].items())
-    out.print(f"Attention ({att['requested']}): {served}", soft_wrap=True)
+    out.print(f"Attention ({att['requested']}{', ' + who if who else ''}): {served}", soft_wrap=True)
     for f in att["fallbacks"]:
         out.print(f"  fallback: {f['layer']} → {f['backend']} ({f['instead_of']}: {f['why']})", soft_wrap=True)
     if not verbose:

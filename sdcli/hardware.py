@@ -153,7 +153,8 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def torch_info() -> tuple[dict, list[dict]]:
+def torch_info(only: int | None = None) -> tuple[dict, list[dict]]:
+    """`only`: read free memory of that GPU alone (reading it makes a CUDA context on the GPU)."""
     info: dict = {"version": None, "cuda": None, "cudnn": None, "cuda_available": False, "device_count": 0}
     gpus: list[dict] = []
     try:
@@ -172,11 +173,12 @@ def torch_info() -> tuple[dict, list[dict]]:
         info["device_count"] = torch.cuda.device_count() if info["cuda_available"] else 0
         for i in range(info["device_count"]):
             p = torch.cuda.get_device_properties(i)
-            free, total = torch.cuda.mem_get_info(i)
+            free, total = torch.cuda.mem_get_info(i) if only in (None, i) else (None, p.total_memory)
             gpus.append({
                 "index": i, "source": "torch", "name": p.name,
                 "compute_capability": f"{p.major}.{p.minor}",
-                "memory_total_gb": round(total / 2**30, 2), "memory_free_gb": round(free / 2**30, 2),
+                "memory_total_gb": round(total / 2**30, 2),
+                "memory_free_gb": round(free / 2**30, 2) if free is not None else None,
                 "multiprocessors": p.multi_processor_count,
             })
     except Exception as exc:  # e.g. a driver too old for this torch's CUDA
@@ -184,9 +186,9 @@ def torch_info() -> tuple[dict, list[dict]]:
     return info, gpus
 
 
-def measure_dtypes(cuda: bool) -> dict:
+def measure_dtypes(cuda: bool, gpu: int = 0) -> dict:
     """Run a small matmul in each dtype and compare with fp32: supported means it ran and agreed."""
-    result: dict = {"device": "cuda:0" if cuda else "cpu"}
+    result: dict = {"device": f"cuda:{gpu}" if cuda else "cpu"}
     try:
         import torch
     except Exception as exc:
@@ -228,10 +230,12 @@ def measure_dtypes(cuda: bool) -> dict:
     return result
 
 
-def probe(measure: bool = True) -> dict:
-    """The whole report. `measure=False` skips running anything on the device (dtype checks)."""
+def probe(measure: bool = True, only_gpu: int | None = None) -> dict:
+    """The whole report. `measure=False` skips running anything on the device (dtype checks). `only_gpu`: the one
+    GPU this process uses; no other is touched (each rank of a multi-GPU run probes only its own, so that no
+    GPU holds a CUDA context of every rank)."""
     nv_gpus, nvml = nvml_gpus()
-    torch_data, torch_gpus = torch_info()
+    torch_data, torch_gpus = torch_info(only_gpu)
     gpus = nv_gpus or torch_gpus
     for gpu in gpus:  # NVML first; torch fills what NVML does not know
         twin = next((g for g in torch_gpus if g["index"] == gpu["index"]), None)
@@ -251,5 +255,5 @@ def probe(measure: bool = True) -> dict:
         "packages": packages,
     }
     if measure:
-        report["dtypes"] = measure_dtypes(bool(torch_data["cuda_available"]))
+        report["dtypes"] = measure_dtypes(bool(torch_data["cuda_available"]), only_gpu or 0)
     return report

@@ -93,7 +93,7 @@ class Settings:
 def check_output_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".sdcli-write-test-{os.getpid()}"
+        probe = folder / f".sdcli-write-test-{os.getpid()}-{secrets.token_hex(4)}"  # pids repeat across nodes
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -274,10 +274,12 @@ def set_scheduler(pipe, name: str) -> str:
 
 
 def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=None,
-             name_for=None) -> Run:
+             name_for=None, skip=frozenset()) -> Run:
     """Generate `items` (default: all of the settings' work) in batches, saving each image as it finishes.
     `name_for(item)` gives the file stem (default: item.stem); on_step(step, latents) and on_image(result)
-    report progress."""
+    report progress. `skip`: indices of items already on disk. A batch of only those is not run; in a batch
+    with others they are made again but not saved, so that the others get the pixels of the same batch run
+    in one go."""
     import torch
 
     s = run.settings
@@ -287,6 +289,8 @@ def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=N
         torch.cuda.reset_peak_memory_stats(run.device)
     for start in range(0, len(items), s.batch_size):
         batch = items[start:start + s.batch_size]
+        if all(item.index in skip for item in batch):
+            continue
         t0 = time.perf_counter()
         images, problems = render(run, batch, on_step)
         if cuda:
@@ -294,6 +298,8 @@ def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=N
         seconds = (time.perf_counter() - t0) / len(batch)
         run.seconds += seconds * len(batch)
         for item, image, problem in zip(batch, images, problems):
+            if item.index in skip:
+                continue
             path = save_png(image, s.output_dir, (name_for or (lambda it: it.stem))(item), recipe(run, item))
             result = ImageResult(item, path, seconds, problem)
             run.images.append(result)

@@ -207,6 +207,7 @@ def test_ctrl_c_keeps_finished_images(tmp_path):
     (["--scheduler", "magic"], "unknown --scheduler 'magic'"),
     (["--device", "cuda:7"], "--device cuda:7"),
     ([], "give a prompt, or --prompts-file"),
+    (["--resume"], "--resume needs the --seed of the run it finishes"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
     prompt = [] if args == [] else ["a cat"]

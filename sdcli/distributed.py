@@ -1,0 +1,256 @@
+"""One run over many processes: a launcher (torchrun, `accelerate launch`) starts N copies of
+`sdcli generate`; each takes its share of the work, and rank 0 writes one manifest for all of it.
+
+sdcli has no cluster code of its own. It reads the ranks the launcher set, gives each rank whole
+batches of the single-process run (so every image has the pixels one process would make), and keeps
+its records on disk: each rank appends a line per finished image to its own part file, so a crash
+loses nothing. torch.distributed is used once, at the end, only so that rank 0 merges after every
+rank is done; a re-run with `--resume` finishes the job and the manifest whatever happened before.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdcli import SdcliError
+
+MANIFEST = "manifest.jsonl"
+PARTS = ".sdcli-manifest"  # one part file per rank, next to the images
+# Ranks finish at different times (a resumed run can leave one rank most of the work). Waiting is
+# safe: if a rank dies, the launcher stops the others.
+WAIT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launched: bool = False  # started by a launcher, even with one process
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def detect(env=None) -> Ranks:
+    """The ranks torchrun and `accelerate launch` (which runs torchrun) put in the environment."""
+    env = os.environ if env is None else env
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return Ranks()
+    try:
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise SdcliError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, not {env.get('RANK')!r}, "
+                         f"{env.get('WORLD_SIZE')!r}, {env.get('LOCAL_RANK')!r}") from None
+    if not 0 <= rank < world_size:
+        raise SdcliError(f"RANK {rank} must be between 0 and WORLD_SIZE - 1 ({world_size - 1})")
+    return Ranks(rank, world_size, local_rank, launched=True)
+
+
+def share(items: list, batch_size: int, ranks: Ranks) -> list:
+    """This rank's items: batch j of the single-process run (items[j*B:(j+1)*B]) goes to rank j % world_size.
+    Whole batches, because batched matmuls round by the batch's shape: an image comes out the same only in
+    the batch it has in one process. Every batch but the last is full, so batching the result again by B
+    gives back the same batches."""
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return [item for j, batch in enumerate(batches) if j % ranks.world_size == ranks.rank for item in batch]
+
+
+def device_for(ranks: Ranks, requested: str | None) -> str | None:
+    """`auto` and `cuda` mean this rank's own GPU, cuda:LOCAL_RANK; anything else is taken as asked."""
+    if requested not in (None, "auto", "cuda"):
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        return requested
+    count = torch.cuda.device_count()
+    if ranks.local_rank >= count:
+        raise SdcliError(f"local rank {ranks.local_rank} has no GPU of its own: this node has {count}, "
+                         f"so start at most {count} processes on it (--nproc-per-node {count})")
+    torch.cuda.set_device(ranks.local_rank)  # so that anything that says just "cuda" lands here too
+    return f"cuda:{ranks.local_rank}"
+
+
+# ----- --resume: what is already done -------------------------------------------------------------------
+
+SAME_SETTINGS = ("negative_prompt", "steps", "guidance", "scheduler")  # an image made otherwise is not this run's
+
+
+def finished(items: list, settings) -> dict[int, Path]:
+    """Items already done: `<stem>.png` is a complete PNG whose recipe is this item's. Removes these items'
+    leftover temp files and broken `<stem>.png`s, so each item left is made again under its own name."""
+    folder = settings.output_dir
+    names = set(os.listdir(folder))
+    stems = {item.stem: item for item in items}
+    for name in names:  # temp files of a killed run: .<stem>.<pid>.partial.png
+        if name.startswith(".") and name.endswith(".partial.png") and name[1:-12].rsplit(".", 1)[0] in stems:
+            (folder / name).unlink(missing_ok=True)
+    done = {}
+    for stem, item in stems.items():
+        path = folder / f"{stem}.png"
+        if path.name not in names:
+            continue
+        recipe = complete_recipe(path)
+        if recipe is None:
+            path.unlink()  # cut short (a name only sdcli makes, a PNG that isn't whole): make it again
+            continue
+        if not recipe:
+            raise SdcliError(f"--resume: {path} is in the way: a PNG that sdcli did not make; move it, or write "
+                             "to another --output-dir")
+        theirs = {key: recipe.get(key) for key in ("item", "seed", "prompt", *SAME_SETTINGS)}
+        ours = {"item": item.index, "seed": item.seed, "prompt": item.prompt,
+                **{key: getattr(settings, key) for key in SAME_SETTINGS}}
+        if theirs != ours:
+            key = next(k for k in ours if theirs[k] != ours[k])
+            raise SdcliError(f"--resume: {path} was made with {key} {theirs[key]!r}, this run has {ours[key]!r}; "
+                             "resume with the settings of the first run, or write to another --output-dir")
+        done[item.index] = path
+    return done
+
+
+def complete_recipe(path: Path) -> dict | None:
+    """The sdcli recipe of a PNG that is whole (every chunk there, CRCs right): {} if it has none; None if
+    the file is not a whole PNG."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception:
+        return None
+    try:
+        with Image.open(path) as im:
+            recipe = json.loads(im.text["sdcli"])
+        return recipe if isinstance(recipe, dict) else {}
+    except Exception:
+        return {}
+
+
+# ----- the manifest --------------------------------------------------------------------------------------
+
+
+def part_path(folder: Path, rank: int) -> Path:
+    return folder / PARTS / f"rank-{rank:05d}.jsonl"
+
+
+def open_part(folder: Path, rank: int, resume: bool):
+    """This rank's record, one JSON line per finished image. A fresh run starts it over; --resume adds to it."""
+    path = part_path(folder, rank)
+    path.parent.mkdir(exist_ok=True)
+    return path.open("a" if resume else "w", encoding="utf-8")
+
+
+def record(part, result, rank: int, backend: str) -> None:
+    """Append one finished image's line and flush it, so a crash right after loses nothing."""
+    line = {"item": result.item.index, "prompt": result.item.prompt, "seed": result.item.seed,
+            "file": result.path.name, "rank": rank, "backend": backend, "seconds": round(result.seconds, 4),
+            "finished": now()}
+    part.write(json.dumps(line, ensure_ascii=False) + "\n")
+    part.flush()
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_lines(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a rank killed mid-write
+            continue
+    return [line for line in lines if isinstance(line, dict)]
+
+
+def merge(items: list, folder: Path, world_size: int, resume: bool) -> list[dict]:
+    """One line per finished item, sorted by item. Lines come from this run's part files (with --resume also
+    from every older record there); for an item with several, the newest whose image exists wins. With
+    --resume an image on disk that no record names gets a line from its own recipe."""
+    parts = [part_path(folder, rank) for rank in range(world_size)]
+    if resume:  # also the records of an older run with more ranks
+        parts += [path for path in sorted((folder / PARTS).glob("rank-*.jsonl")) if path not in parts]
+    candidates = read_lines(folder / MANIFEST) if resume else []
+    for path in parts:
+        candidates += read_lines(path)
+    by_index = {item.index: item for item in items}
+    best: dict[int, dict] = {}
+    for line in candidates:
+        item = by_index.get(line.get("item"))
+        if item is None or line.get("seed") != item.seed or line.get("prompt") != item.prompt:
+            continue
+        if not (folder / Path(str(line.get("file"))).name).is_file():
+            continue
+        if resume and line["file"] != f"{item.stem}.png":
+            continue
+        old = best.get(item.index)
+        if old is None or str(line.get("finished") or "") >= str(old.get("finished") or ""):
+            best[item.index] = line
+    if resume:
+        for item in items:
+            path = folder / f"{item.stem}.png"
+            if item.index not in best and path.is_file() and (recipe := complete_recipe(path)):
+                best[item.index] = {"item": item.index, "prompt": item.prompt, "seed": item.seed, "file": path.name,
+                                    "rank": None, "backend": recipe.get("attention"), "seconds": None,
+                                    "finished": None}
+    return [best[i] for i in sorted(best)]
+
+
+def write_manifest(folder: Path, lines: list[dict]) -> Path:
+    """Replace <folder>/manifest.jsonl atomically: readers see the old one or the new one, never half."""
+    path = folder / MANIFEST
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ----- the end of a run: every rank's outcome to rank 0 --------------------------------------------------
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def collectives(ranks: Ranks) -> bool:
+    """Whether ranks can wait for each other: torch.distributed is there and the launcher gave an address."""
+    if ranks.world_size == 1 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available()
+
+
+def gather(outcome: dict, ranks: Ranks) -> list[dict] | None:
+    """Every rank's outcome, on every rank, once all are done; None where ranks can't wait for each other.
+    gloo even on GPUs: a few small objects, no GPU memory, and no NCCL watchdog to trip while ranks wait."""
+    if not collectives(ranks):
+        return [outcome] if ranks.world_size == 1 else None
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://", rank=ranks.rank, world_size=ranks.world_size, timeout=WAIT)
+    outcomes: list = [None] * ranks.world_size
+    dist.all_gather_object(outcomes, outcome)
+    return outcomes
+
+
+def finish(ranks: Ranks) -> None:
+    """Wait until rank 0 has written the manifest and said its piece, then leave: a rank that exits with an
+    error makes the launcher stop the others, and rank 0 must not be stopped half-way."""
+    import torch.distributed as dist
+
+    if collectives(ranks) and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
