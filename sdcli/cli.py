@@ -254,6 +254,15 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 FallbackOpt = Annotated[bool, typer.Option(help="Let other backends serve the layers a named --backend can't.")]
 QuantizedOpt = Annotated[bool, typer.Option(
     "--quantized", help="Let --backend auto use quantized kernels (SageAttention): faster, results move more.")]
+NegativeOpt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", help="What to keep out of the image.")]
+StepsOpt = Annotated[int, typer.Option(help="Denoising steps.")]
+GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance scale (CFG doubles the UNet's batch).")]
+WidthOpt = Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")]
+HeightOpt = Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")]
+SchedulerOpt = Annotated[str, typer.Option(
+    help="default (the model's own), euler, euler-a, dpm++2m, dpm++2m-karras, ddim, pndm, unipc, heun.")]
+VaeDtypeOpt = Annotated[str, typer.Option(help="auto (fp32 when fp16 would overflow), fp16, bf16 or fp32.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, summary or tables.")]
 TuneOpt = Annotated[bool, typer.Option(
     help="--backend auto measures the fastest backend per layer shape on first use and caches it; --no-tune "
          "uses the documented order instead.")]
@@ -267,7 +276,7 @@ FuseQkvOpt = Annotated[bool, typer.Option("--fuse-qkv", help="diffusers' fused q
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line (instead of PROMPT).")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "-n")] = None,
+    negative_prompt: NegativeOpt = None,
     model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     backend: BackendOpt = "auto",
     fallback: FallbackOpt = False,
@@ -277,24 +286,23 @@ def generate(
     compile_: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
     fuse_qkv: FuseQkvOpt = False,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    width: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
+    steps: StepsOpt = 30,
+    guidance: GuidanceOpt = 7.5,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Image n of the run uses seed+n; default: random.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 1,
     num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
-    scheduler: Annotated[str, typer.Option(
-        help="default (the model's own), euler, euler-a, dpm++2m, dpm++2m-karras, ddim, pndm, unipc, heun.")] = "default",
+    scheduler: SchedulerOpt = "default",
     dtype: DtypeOpt = "auto",
-    vae_dtype: Annotated[str, typer.Option(help="auto (fp32 when fp16 would overflow), fp16, bf16 or fp32.")] = "auto",
+    vae_dtype: VaeDtypeOpt = "auto",
     device: DeviceOpt = "auto",
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where images go; never overwritten.")] = Path("outputs"),
     resume: Annotated[bool, typer.Option(
         "--resume", help="Finish an interrupted run: skip items whose image is already in --output-dir (complete, "
                          "same item and seed), make the rest. Needs the first run's --seed and settings.")] = False,
     json_out: JsonOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    quiet: QuietOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show which kernel served which layers.")] = False,
 ) -> None:
     """Text to image, with attention routed per layer to the chosen backend. Images keep their recipe.
@@ -436,7 +444,7 @@ def report_share(run, settings, outcomes: list[dict], manifest: Path, json_out: 
                   f"{manifest}; run the same command with --resume to make the rest", soft_wrap=True)
 
 
-def run_with_progress(run, items, quiet: bool, name_for=None, skip=frozenset(), on_saved=None,
+def run_with_progress(run, items, quiet: bool, skip=frozenset(), on_saved=None,
                       rank: int | None = None) -> None:
     """Generate with a progress bar; Ctrl-C or an error keeps what finished and says where it is.
     `skip`: items already on disk (--resume); on_saved(result) runs after each image is written; `rank`
@@ -466,7 +474,7 @@ def run_with_progress(run, items, quiet: bool, name_for=None, skip=frozenset(), 
                 err.print(f"[yellow]warning:[/] {result.path.name}: {result.problem}", soft_wrap=True)
 
         try:
-            pipeline.generate(run, items, on_step=on_step, on_image=on_image, name_for=name_for, skip=skip)
+            pipeline.generate(run, items, on_step=on_step, on_image=on_image, skip=skip)
         except KeyboardInterrupt:
             bar.stop()
             err.print(f"{who}interrupted: {kept(run)}", soft_wrap=True)
@@ -587,7 +595,7 @@ class CompareFailed(SdcliError):
 def compare(
     seed: Annotated[int, typer.Option(help="The seed every backend renders from.")] = 42,
     prompt: Annotated[str, typer.Option(help="What to draw.")] = "a photo of an astronaut riding a horse on mars",
-    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", "-n")] = None,
+    negative_prompt: NegativeOpt = None,
     model: ModelOpt = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     backends_: Annotated[Optional[str], typer.Option(
         "--backends", help="Comma-separated backends to compare; default: every one usable here.")] = None,
@@ -596,17 +604,17 @@ def compare(
         help="Exact kernels may err at most this many times as much as plain attention in the run's dtype.")] = 2.0,
     quantized_tol: Annotated[float, typer.Option(
         help="Quantized kernels may err at most this much (relative L2 error at kernel level).")] = 0.1,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    width: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")] = None,
-    scheduler: Annotated[str, typer.Option(help="As for generate.")] = "default",
+    steps: StepsOpt = 30,
+    guidance: GuidanceOpt = 7.5,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    scheduler: SchedulerOpt = "default",
     dtype: DtypeOpt = "auto",
-    vae_dtype: Annotated[str, typer.Option(help="As for generate.")] = "auto",
+    vae_dtype: VaeDtypeOpt = "auto",
     device: DeviceOpt = "auto",
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the grid and JSON go.")] = Path("compare"),
     json_out: JsonOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """The same seed through every backend: same image or not, how far off, how fast. Exit 1 if any breaks its bound."""
     from sdcli import compare as cmp
@@ -690,20 +698,20 @@ def bench(
     compile_: CompileOpt = False,
     channels_last: ChannelsLastOpt = False,
     fuse_qkv: FuseQkvOpt = False,
-    steps: Annotated[int, typer.Option(help="Denoising steps per image.")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (CFG doubles the UNet batch).")] = 7.5,
-    width: Annotated[Optional[int], typer.Option(help="Default: the model's native size.")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Default: the model's native size.")] = None,
+    steps: StepsOpt = 50,
+    guidance: GuidanceOpt = 7.5,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per point; the median is reported.")] = 3,
     find_max: Annotated[bool, typer.Option(help="Search the largest batch that fits (doubling, then bisection).")] = True,
     max_batch: Annotated[int, typer.Option(help="Upper limit of that search.")] = 256,
     micro: Annotated[bool, typer.Option(help="Also time every backend alone at the model's attention shapes.")] = True,
     dtype: DtypeOpt = "auto",
-    vae_dtype: Annotated[str, typer.Option(help="As for generate.")] = "auto",
+    vae_dtype: VaeDtypeOpt = "auto",
     device: DeviceOpt = "auto",
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the JSON and plot go.")] = Path("bench"),
     json_out: JsonOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """The throughput experiment: images/s by batch size for stock diffusers, each backend and auto; largest batch."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

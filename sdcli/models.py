@@ -27,6 +27,7 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
@@ -295,14 +296,31 @@ def _hub_file(repo: str, filename: str) -> str:
         return hf_hub_download(repo, filename, local_files_only=True)
     except Exception:
         pass
+    where = f"download it on a connected machine (hf download {repo}), or pass a local folder, or --model tiny"
     if _offline():
-        raise SdcliError(f"{repo} is not in the Hub cache and HF_HUB_OFFLINE is set: download it on a connected "
-                         f"machine (hf download {repo}) or pass a local folder")
+        raise SdcliError(f"{repo} is not in the Hub cache and HF_HUB_OFFLINE is set: {where}")
+    if not _hub_reachable():
+        raise SdcliError(f"{repo} is not in the Hub cache and the Hub can't be reached: {where}")
     try:
         return hf_hub_download(repo, filename)
     except Exception as exc:
-        raise SdcliError(f"{repo} is not in the Hub cache and could not be downloaded ({_first_line(exc)}); "
-                         f"download it where the Hub is reachable (hf download {repo}) or pass a local folder") from None
+        raise SdcliError(f"{repo} is not in the Hub cache and could not be downloaded ({_first_line(exc)}): "
+                         f"{where}") from None
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """A quick connect to the Hub's host: huggingface_hub itself retries for half a minute before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub.constants import ENDPOINT
+
+    url = urlparse(ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _first_line(exc: BaseException) -> str:

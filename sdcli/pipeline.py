@@ -273,11 +273,9 @@ def set_scheduler(pipe, name: str) -> str:
     return cls_name
 
 
-def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=None,
-             name_for=None, skip=frozenset()) -> Run:
-    """Generate `items` (default: all of the settings' work) in batches, saving each image as it finishes.
-    `name_for(item)` gives the file stem (default: item.stem); on_step(step, latents) and on_image(result)
-    report progress. `skip`: indices of items already on disk. A batch of only those is not run; in a batch
+def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=None, skip=frozenset()) -> Run:
+    """Generate `items` (default: all of the settings' work) in batches, saving each image under its item's
+    stem as it finishes. on_step(step, latents) and on_image(result) report progress. `skip`: indices of items already on disk. A batch of only those is not run; in a batch
     with others they are made again but not saved, so that the others get the pixels of the same batch run
     in one go."""
     import torch
@@ -300,7 +298,7 @@ def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=N
         for item, image, problem in zip(batch, images, problems):
             if item.index in skip:
                 continue
-            path = save_png(image, s.output_dir, (name_for or (lambda it: it.stem))(item), recipe(run, item))
+            path = save_png(image, s.output_dir, item.stem, recipe(run, item))
             result = ImageResult(item, path, seconds, problem)
             run.images.append(result)
             if on_image:

@@ -236,6 +236,15 @@ def test_uncached_hub_model_says_so(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path):
+    """Not in the cache and no Hub: one line at once, not huggingface_hub's half a minute of retries."""
+    result = run_sdcli("generate", "a cat", "--model", "nobody/not-a-model", "-o", tmp_path,
+                       env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2, result.stderr
+    assert "is not in the Hub cache and the Hub can't be reached" in result.stderr and "--model tiny" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.gpu
 def test_gpu_every_usable_backend_serves_and_counts(cli, tmp_path):
     doctor = cli.json("doctor")
