@@ -12,6 +12,11 @@ run() { echo "$*" >> "$out/commands.txt"; "$@"; }
 run nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv"
 run python3 -m pytest -q -m gpu tests > "$out/gpu-tests.txt" 2>&1
 run sdcli doctor --json --probe > "$out/doctor-probe.json"
+# generate with every usable backend (layers it can't take fall back, and the JSON's counts say so)
+for b in $(python3 -c "import json; d=json.load(open('$out/doctor-probe.json')); print(' '.join(r['backend'] for r in d['verdicts']['backends'] if r['status'] == 'usable'))"); do
+  run sdcli generate "a photo of an astronaut riding a horse on mars" -m sd15-arch --backend "$b" --fallback \
+      --dtype fp16 --steps 30 --seed 42 -o "$out/generate-sd15" --json > "$out/generate-sd15-$b.json"
+done
 run sdcli compare --seed 42 -m sd15-arch --dtype fp16 --steps 20 -o "$out/compare-sd15" --json > "$out/compare-sd15.json"
 run sdcli compare --seed 42 -m sdxl-arch --dtype fp16 --steps 10 -o "$out/compare-sdxl" --json > "$out/compare-sdxl.json"
 run sdcli bench -m sd15-arch --dtype fp16 --steps 50 --batch-sizes 1,2,4,8,16,32 --compile --channels-last --fuse-qkv \
