@@ -9,7 +9,6 @@ alone at the model's real shapes. Warm-up first, CUDA-synchronised timing, media
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -49,14 +48,6 @@ def is_oom(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError)
-
-
-def release() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def largest_batch(fits, limit: int) -> tuple[int, list[tuple[int, bool]]]:
@@ -153,7 +144,7 @@ class Runner:
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            release()
+            pipeline.release_memory()
             return {"batch": batch, "oom": True}
         seconds = statistics.median(times)
         point = {
@@ -176,7 +167,7 @@ class Runner:
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            release()
+            pipeline.release_memory()
             return False
 
 

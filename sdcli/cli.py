@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from sdcli import SdcliError, __version__
+from sdcli import SdcliError, __version__, first_line
 
 # Piped output (a file, a log) gets 120 columns instead of rich's 80, so tables stay readable.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -491,7 +491,7 @@ def run_with_progress(run, items, quiet: bool, skip=frozenset(), on_saved=None,
                 where = f" in image {len(saved) + 1} (item {failed.index}, seed {failed.seed})"
             else:  # "image k" means little in one share of the work
                 where = f" in item {failed.index} (seed {failed.seed})" if failed else ""
-            raise RunFailed(f"{who}{type(exc).__name__}{where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            raise RunFailed(f"{who}{type(exc).__name__}{where}: {first_line(exc)}"
                             f"; {kept(run)}") from None
 
 

@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, pipeline, routing
+from sdcli import SdcliError, backends, error_line, pipeline, routing
 from sdcli.backends import EXACT, Backend
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
@@ -66,31 +66,40 @@ def choose(report: dict, device: str, names: list[str] | None, reference: str | 
     return ref, [b for b in chosen if b.name != ref.name]
 
 
-def kernel_errors(capture: Capture, backend: Backend, machine: backends.Machine, layers) -> list[dict]:
-    """Replay every captured layer through `backend`; error against wide-dtype math, and against rounding."""
+def kernel_errors(capture: Capture, candidates: list[Backend], machine: backends.Machine,
+                  layers) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Replay every captured layer through each backend: error against wide-dtype math, and against rounding.
+    The layer's baseline is computed once for all backends. Returns rows per backend, and the backends that
+    ran out of memory (they are reported as failed, like a crash)."""
     import torch
 
-    rows = []
+    rows = {b.name: [] for b in candidates}
+    failed: dict[str, str] = {}
     info = {l.name: l for l in layers}
     for name, (q, k, v, mask, scale) in capture.calls.items():
-        layer = info[name]
-        shape = backends.Shape(layer.heads, layer.head_dim, q.shape[1], k.shape[1],
-                               routing.DTYPE_NAMES.get(str(q.dtype), str(q.dtype)), mask is not None)
-        row = {"layer": name, "shape": str(shape)}
-        verdict = backend.verdict(machine, shape)
-        if not verdict.usable:
-            rows.append({**row, "status": "n/a", "why": verdict.reason})
-            continue
-        try:
-            with torch.inference_mode():
-                out = backend.run(q, k, v, attn_mask=mask, scale=scale)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            rows.append({**row, "status": "n/a", "why": f"kernel failed: {type(exc).__name__}: {exc}"[:300]})
-            continue
-        rows.append({**row, "status": "ok", **backends.accuracy(out, q, k, v, mask, scale)})
-    return rows
+        shape = info[name].shape_of(q, k, mask)
+        base = None
+        for backend in candidates:
+            if backend.name in failed:
+                continue
+            row = {"layer": name, "shape": str(shape)}
+            verdict = backend.verdict(machine, shape)
+            if not verdict.usable:
+                rows[backend.name].append({**row, "status": "n/a", "why": verdict.reason})
+                continue
+            try:
+                with torch.inference_mode():
+                    out = backend.run(q, k, v, attn_mask=mask, scale=scale)
+            except torch.OutOfMemoryError as exc:
+                failed[backend.name] = error_line(exc)
+                pipeline.release_memory()
+                continue
+            except Exception as exc:
+                rows[backend.name].append({**row, "status": "n/a", "why": f"kernel failed: {error_line(exc)}"})
+                continue
+            base = base or backends.baseline(q, k, v, mask, scale)
+            rows[backend.name].append({**row, "status": "ok", **backends.accuracy(out, q, k, v, mask, scale, base)})
+    return rows, failed
 
 
 def image_metrics(image, reference) -> dict:
@@ -182,20 +191,22 @@ def compare(settings: pipeline.Settings, names: list[str] | None = None, referen
     layers = ref_router.layers
 
     outcomes = [reference_out]
-    kernel_rows = {}
     for backend in others:
         say(f"{backend.name}")
         router = routing.Router([backend, ref], machine, strict=False, requested=backend.name)
         try:
             outcome = render_with(run, router, item, warmup=True)
-            kernel_rows[backend.name] = kernel_errors(capture, backend, machine, layers)
         except Exception as exc:  # a backend that crashes is reported; the others still run
-            text = str(exc).strip()
-            outcome = Outcome(backend.name, backend.kind,
-                              error=f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300])
-            _release_memory(run.device)
+            outcome = Outcome(backend.name, backend.kind, error=error_line(exc))
+            pipeline.release_memory()
         outcomes.append(outcome)
     routing.route(run.pipe, routing.Router([ref], machine, True, ref.name))  # leave the pipeline as it was
+    say("kernel level: every captured layer through every backend")
+    kernel_rows, out_of_memory = kernel_errors(
+        capture, [b for b, o in zip(others, outcomes[1:]) if not o.error], machine, layers)
+    for o in outcomes:
+        if o.backend in out_of_memory:
+            o.error = out_of_memory[o.backend]
 
     rows = [summarise(o, reference_out, kernel_rows.get(o.backend), thresholds, is_reference=o is reference_out)
             for o in outcomes]
@@ -206,13 +217,6 @@ def compare(settings: pipeline.Settings, names: list[str] | None = None, referen
         "passed": all(r["verdict"] in (PASS, REFERENCE) for r in rows),
         "_images": {o.backend: o.image for o in outcomes if o.image is not None},
     }
-
-
-def _release_memory(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool) -> dict:

@@ -15,6 +15,7 @@ import os
 import platform
 
 from sdcli import __version__
+from sdcli import error_line
 
 SCHEMA = "sdcli.report/1"
 
@@ -31,11 +32,6 @@ PACKAGES = [
     ("sageattention", ["sageattention"], "sageattention"),
     ("pynvml", ["nvidia-ml-py", "pynvml"], "pynvml"),
 ]
-
-
-def _error(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"[:300]
 
 
 def system_info() -> dict:
@@ -79,7 +75,7 @@ def package_info(dists: list[str], module: str) -> dict:
         info["version"] = version or getattr(mod, "__version__", None)
     except Exception as exc:  # an ABI mismatch raises OSError/RuntimeError/ImportError, all alike here
         info["import_ok"] = False
-        info["error"] = _error(exc)
+        info["error"] = error_line(exc)
     return info
 
 
@@ -100,7 +96,7 @@ def xformers_ops() -> dict:
         out["ops_ok"] = bool(getattr(xformers, "_has_cpp_library", False))
     except Exception as exc:
         out["ops_ok"] = False
-        out["error"] = _error(exc)
+        out["error"] = error_line(exc)
     return out
 
 
@@ -112,7 +108,7 @@ def nvml_gpus() -> tuple[list[dict], dict]:
 
         pynvml.nvmlInit()
     except Exception as exc:
-        status["error"] = _error(exc)
+        status["error"] = error_line(exc)
         return [], status
     gpus = []
     try:
@@ -122,7 +118,7 @@ def nvml_gpus() -> tuple[list[dict], dict]:
             v = pynvml.nvmlSystemGetCudaDriverVersion_v2()
             status["cuda_driver"] = f"{v // 1000}.{v % 1000 // 10}"
         except Exception as exc:  # very old drivers lack this call
-            status["error"] = _error(exc)
+            status["error"] = error_line(exc)
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             gpu = {"index": i, "source": "nvml", "name": _text(pynvml.nvmlDeviceGetName(h))}
@@ -140,7 +136,7 @@ def nvml_gpus() -> tuple[list[dict], dict]:
             gpu["multiprocessors"] = None  # NVML has no SM count; torch fills it in below
             gpus.append(gpu)
     except Exception as exc:
-        status["error"] = _error(exc)
+        status["error"] = error_line(exc)
     finally:
         try:
             pynvml.nvmlShutdown()
@@ -160,7 +156,7 @@ def torch_info(only: int | None = None) -> tuple[dict, list[dict]]:
     try:
         import torch
     except Exception as exc:
-        info["error"] = _error(exc)
+        info["error"] = error_line(exc)
         return info, gpus
     info["version"] = torch.__version__
     info["cuda"] = torch.version.cuda
@@ -182,7 +178,7 @@ def torch_info(only: int | None = None) -> tuple[dict, list[dict]]:
                 "multiprocessors": p.multi_processor_count,
             })
     except Exception as exc:  # e.g. a driver too old for this torch's CUDA
-        info["error"] = _error(exc)
+        info["error"] = error_line(exc)
     return info, gpus
 
 
@@ -192,7 +188,7 @@ def measure_dtypes(cuda: bool, gpu: int = 0) -> dict:
     try:
         import torch
     except Exception as exc:
-        return {**result, "error": _error(exc)}
+        return {**result, "error": error_line(exc)}
     device = result["device"]
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(64, 64, generator=gen).to(device)
@@ -204,7 +200,7 @@ def measure_dtypes(cuda: bool, gpu: int = 0) -> dict:
             ok = bool(torch.allclose(out, ref, atol=tol * 8, rtol=tol))
             result[name] = {"supported": ok, "how": "measured"}
         except Exception as exc:
-            result[name] = {"supported": False, "how": "measured", "detail": _error(exc)}
+            result[name] = {"supported": False, "how": "measured", "detail": error_line(exc)}
     if not cuda:
         na = {"supported": False, "how": "not measured", "detail": "no CUDA GPU"}
         return {**result, "tf32": dict(na), "fp8_e4m3": dict(na)}
@@ -216,7 +212,7 @@ def measure_dtypes(cuda: bool, gpu: int = 0) -> dict:
         # TF32 keeps 10 mantissa bits, so a TF32 matmul differs from the fp32 one; identical means no TF32.
         result["tf32"] = {"supported": not torch.equal(tf32, ref), "how": "measured"}
     except Exception as exc:
-        result["tf32"] = {"supported": False, "how": "measured", "detail": _error(exc)}
+        result["tf32"] = {"supported": False, "how": "measured", "detail": error_line(exc)}
     try:
         f8 = torch.float8_e4m3fn
         one = torch.ones((), device=device)
@@ -226,7 +222,7 @@ def measure_dtypes(cuda: bool, gpu: int = 0) -> dict:
         rel = ((out.float() - ref).norm() / ref.norm()).item()
         result["fp8_e4m3"] = {"supported": rel < 0.2, "how": "measured"}
     except Exception as exc:
-        result["fp8_e4m3"] = {"supported": False, "how": "measured", "detail": _error(exc)}
+        result["fp8_e4m3"] = {"supported": False, "how": "measured", "detail": error_line(exc)}
     return result
 
 

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from sdcli import SdcliError
+from sdcli import SdcliError, error_line
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -240,7 +240,7 @@ def _from_folder(folder: str, torch_dtype):
         return DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True,
                                                  **_no_safety_checker(index))
     except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise SdcliError(f"cannot load the pipeline in {folder}: {_first_line(exc)}") from None
+        raise SdcliError(f"cannot load the pipeline in {folder}: {error_line(exc)}") from None
 
 
 def _checkpoint_keys(path: str) -> list[str]:
@@ -256,7 +256,7 @@ def _checkpoint_keys(path: str) -> list[str]:
         data = torch.load(path, map_location="cpu", weights_only=True)
         return list((data.get("state_dict", data) if isinstance(data, dict) else {}).keys())
     except Exception as exc:
-        raise SdcliError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+        raise SdcliError(f"cannot read checkpoint {path}: {error_line(exc)}") from None
 
 
 def _from_checkpoint(path: str, torch_dtype):
@@ -273,7 +273,7 @@ def _from_checkpoint(path: str, torch_dtype):
     except Exception as exc:
         hint = ("; single-file loading needs the model's config from the Hub cache: run once online, or convert "
                 "the checkpoint to a diffusers folder") if _offline() else ""
-        raise SdcliError(f"cannot load checkpoint {path}: {_first_line(exc)}{hint}") from None
+        raise SdcliError(f"cannot load checkpoint {path}: {error_line(exc)}{hint}") from None
 
 
 def _from_hub(repo: str, torch_dtype):
@@ -286,7 +286,7 @@ def _from_hub(repo: str, torch_dtype):
     except SdcliError:
         raise
     except Exception as exc:
-        raise SdcliError(f"cannot load {repo} from the Hub: {_first_line(exc)}") from None
+        raise SdcliError(f"cannot load {repo} from the Hub: {error_line(exc)}") from None
 
 
 def _hub_file(repo: str, filename: str) -> str:
@@ -304,7 +304,7 @@ def _hub_file(repo: str, filename: str) -> str:
     try:
         return hf_hub_download(repo, filename)
     except Exception as exc:
-        raise SdcliError(f"{repo} is not in the Hub cache and could not be downloaded ({_first_line(exc)}): "
+        raise SdcliError(f"{repo} is not in the Hub cache and could not be downloaded ({error_line(exc)}): "
                          f"{where}") from None
 
 
@@ -321,8 +321,3 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]

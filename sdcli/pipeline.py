@@ -250,6 +250,17 @@ def apply_speed_options(pipe, fuse_qkv: bool = False, channels_last: bool = Fals
         pipe.vae.to(memory_format=torch.channels_last)
 
 
+def release_memory() -> None:
+    """Give back what a failed or finished attempt held (after an out-of-memory, before the next try)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def compile_unet(run: Run, batch: int) -> None:
     """torch.compile the UNet after one eager step, so every attention route exists before dynamo traces
     (the warm-up's calls are not counted)."""

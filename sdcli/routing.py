@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch.compiler import is_compiling
 
-from sdcli import SdcliError, backends
+from sdcli import SdcliError, backends, error_line
 from sdcli.backends import Backend, Machine, Shape
 
 AUTO = "auto"
@@ -72,6 +72,11 @@ class Layer:
             "dtype": self.dtype, "backend": self.backend, "refused": dict(self.refused),
             "calls": dict(self.served()), "seqs": self.seqs, "kernels": dict(self.kernels),
         }
+
+    def shape_of(self, q, k, mask=None) -> Shape:
+        """The full shape of one call of this layer, batch included."""
+        return Shape(self.heads, self.head_dim, q.shape[1], k.shape[1], DTYPE_NAMES.get(str(q.dtype), str(q.dtype)),
+                     mask is not None, batch=q.shape[0])
 
     @property
     def seqs(self) -> list[tuple[int, int]]:
@@ -159,8 +164,7 @@ class Router:
         """Check a new shape against each candidate, try its kernel, keep the first that works."""
         import torch
 
-        shape = Shape(layer.heads, layer.head_dim, q.shape[1], k.shape[1],
-                      DTYPE_NAMES.get(str(q.dtype), str(q.dtype)), mask is not None, batch=q.shape[0])
+        shape = layer.shape_of(q, k, mask)
         layer.shapes.add(shape)
         machine = self._machine(q.device)
         start = [b.name for b in self.chain].index(layer.backend)
@@ -183,8 +187,7 @@ class Router:
                 except torch.OutOfMemoryError:
                     raise  # a full GPU is not the kernel's fault; the caller decides (bench searches batch sizes)
                 except Exception as exc:
-                    text = str(exc).strip()
-                    reason = f"the kernel failed: {type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+                    reason = f"the kernel failed: {error_line(exc)}"
             layer.refused.setdefault(backend.name, f"{reason} (at {shape})")
             if self.strict:
                 raise self._cannot_serve(layer, backend.name, f"{reason} (at {shape})")
