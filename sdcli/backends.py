@@ -28,9 +28,6 @@ WRONG_VERSION = "wrong version"
 BROKEN = "broken install"
 UNSUPPORTED_GPU = "unsupported on this GPU"
 
-DTYPES = ("fp32", "fp16", "bf16")
-EXACT_TOL = 2.0       # an exact kernel may round at most this × as much as plain attention in its dtype
-QUANTIZED_TOL = 0.1   # a quantized kernel may be off by at most this relative L2 error
 
 
 @dataclass(frozen=True)
@@ -419,60 +416,6 @@ def assess(report: dict, device: str | None = None, dtype: str | None = None) ->
     return {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype, "backends": rows}
 
 
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def reference_attention(q, k, v, mask=None, scale=None):
-    """Exact attention in a wide dtype (fp64 for fp32 inputs, else fp32): the kernel-level reference."""
-    import torch
-
-    wide = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
-    q, k, v = (t.to(wide) for t in (q, k, v))
-    mask = mask.to(wide) if mask is not None and mask.dtype != torch.bool else mask
-    return get("sdpa-math").run(q, k, v, attn_mask=mask, scale=scale)
-
-
-def plain_attention(q, k, v, mask=None, scale=None):
-    """Attention as plain matmuls in the tensors' own dtype (softmax in fp32): what rounding alone costs."""
-    import torch
-
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return (torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v).transpose(1, 2)
-
-
-def relative_error(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def baseline(q, k, v, mask=None, scale=None) -> tuple:
-    """What every backend at these inputs is judged against: exact attention, and the relative error of plain
-    attention in q's dtype (rounding alone). It depends on the inputs only: compute it once per layer."""
-    exact = reference_attention(q, k, v, mask, scale)
-    return exact, relative_error(plain_attention(q, k, v, mask, scale), exact)
-
-
-def accuracy(out, q, k, v, mask=None, scale=None, base: tuple | None = None) -> dict:
-    """Error against exact attention, and that error over the rounding of plain attention in q's dtype."""
-    import torch
-
-    exact, rounding = base or baseline(q, k, v, mask, scale)
-    err = relative_error(out, exact)
-    return {"rel_error": err, "rounding": rounding, "ratio": err / max(rounding, 1e-12),
-            "finite": bool(torch.isfinite(out).all())}
-
-
-def within_bound(kind: str, acc: dict, exact_tol: float = EXACT_TOL, quantized_tol: float = QUANTIZED_TOL) -> bool:
-    """An exact kernel may round at most `exact_tol`× as much as plain attention; a quantized one may be off by
-    at most `quantized_tol` relative error (see sdcli compare)."""
-    if not acc["finite"]:
-        return False
-    return acc["ratio"] <= exact_tol if kind == EXACT else acc["rel_error"] <= quantized_tol
-
-
 def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 5, batch: int = 1,
             min_seconds: float = 0.05) -> dict:
     """Run one backend at one shape on random inputs: accuracy against exact attention, median time, TFLOP/s.
@@ -482,7 +425,9 @@ def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 
 
     import torch
 
-    dtype = getattr(torch, TORCH_DTYPES[shape.dtype])
+    from sdcli import numerics
+
+    dtype = numerics.torch_dtype(shape.dtype)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, n, shape.heads, shape.head_dim, generator=gen).to(device, dtype)
                for n in (shape.q_len, shape.kv_len, shape.kv_len))
@@ -506,9 +451,9 @@ def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 
                 "error": error_line(exc)}
     seconds = sorted(times)[len(times) // 2]
     flops = 4 * batch * shape.heads * shape.q_len * shape.kv_len * shape.head_dim
-    acc = accuracy(out, q, k, v)
+    acc = numerics.accuracy(out, q, k, v)
     return {
         "backend": backend.name, "kind": backend.kind, "shape": str(shape), "batch": batch,
-        "ok": within_bound(backend.kind, acc), **acc,
+        "ok": numerics.within_bound(backend.kind, acc), **acc,
         "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "calls_timed": len(times),
     }

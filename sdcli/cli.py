@@ -181,10 +181,10 @@ def doctor(
     dtype: Annotated[Optional[str], typer.Option(help="Judge shapes in this dtype: fp16, bf16 or fp32.")] = None,
 ) -> None:
     """What this machine can run: GPU, packages, and a verdict with a fix for every attention backend."""
-    from sdcli import backends, hardware, tuning
+    from sdcli import backends, hardware, numerics, tuning
 
-    if dtype and dtype not in backends.DTYPES:
-        raise SdcliError(f"--dtype must be one of {', '.join(backends.DTYPES)}, not {dtype!r}")
+    if dtype and dtype not in numerics.DTYPES:
+        raise SdcliError(f"--dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
     if device and not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
         raise SdcliError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
     if report and probe:

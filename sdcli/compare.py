@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, error_line, pipeline, routing
+from sdcli import SdcliError, backends, error_line, numerics, pipeline, routing
 from sdcli.backends import EXACT, Backend
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
@@ -27,8 +27,8 @@ PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
 
 @dataclass
 class Thresholds:
-    exact_tol: float = backends.EXACT_TOL          # × the rounding error of plain attention in the run's dtype
-    quantized_tol: float = backends.QUANTIZED_TOL  # relative L2 error (SageAttention 2 reports ~0.01-0.05)
+    exact_tol: float = numerics.EXACT_TOL          # × the rounding error of plain attention in the run's dtype
+    quantized_tol: float = numerics.QUANTIZED_TOL  # relative L2 error (SageAttention 2 reports ~0.01-0.05)
 
 
 @dataclass
@@ -97,8 +97,8 @@ def kernel_errors(capture: Capture, candidates: list[Backend], machine: backends
             except Exception as exc:
                 rows[backend.name].append({**row, "status": "n/a", "why": f"kernel failed: {error_line(exc)}"})
                 continue
-            base = base or backends.baseline(q, k, v, mask, scale)
-            rows[backend.name].append({**row, "status": "ok", **backends.accuracy(out, q, k, v, mask, scale, base)})
+            base = base or numerics.baseline(q, k, v, mask, scale)
+            rows[backend.name].append({**row, "status": "ok", **numerics.accuracy(out, q, k, v, mask, scale, base)})
     return rows, failed
 
 
@@ -227,7 +227,7 @@ def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Threshold
                 "identical": True, "psnr_db": None, "ssim": 1.0, "max_abs_diff": 0.0}
     if o.error:
         return {**row, "verdict": FAILED, "why": o.error, "kernel": None}
-    row["step_rel_error"] = backends.relative_error(o.step_latent, ref.step_latent) if o.step_latent is not None else None
+    row["step_rel_error"] = numerics.relative_error(o.step_latent, ref.step_latent) if o.step_latent is not None else None
     row.update(image_metrics(o.image, ref.image))
     measured = [k for k in kernels or [] if k["status"] == "ok"]
     worst_ratio = max(measured, key=lambda k: k["ratio"], default=None)

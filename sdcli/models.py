@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from sdcli import SdcliError, error_line
+from sdcli import SdcliError, error_line, numerics
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -211,9 +211,7 @@ def load(model: str, dtype: str = "fp32", device: str = "cpu"):
     """Load a pipeline in `dtype` on `device`; returns (pipeline, name for the image recipe)."""
     kind, where = resolve(model)
     quiet_libraries()
-    import torch
-
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = numerics.torch_dtype(dtype)
     if kind == "builtin":
         pipe, name = BUILTIN[where](device), where
     elif kind == "folder":

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, __version__, backends
+from sdcli import SdcliError, __version__, backends, numerics
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
 SCHEDULERS = {
@@ -220,9 +220,7 @@ def prepare(settings: Settings, report: dict | None = None, on_progress=None) ->
     if vae_dtype == "auto":  # fp16 VAEs overflow into NaN/black; diffusers marks those with force_upcast
         vae_dtype = "fp32" if dtype == "fp16" and getattr(pipe.vae.config, "force_upcast", False) else dtype
     if vae_dtype != dtype:
-        import torch
-
-        pipe.vae.to(getattr(torch, backends.TORCH_DTYPES[vae_dtype]))
+        pipe.vae.to(numerics.torch_dtype(vae_dtype))
     sampler = set_scheduler(pipe, settings.scheduler)
     run = Run(settings, report, device, dtype, vae_dtype, pipe=pipe, model_name=name, sampler=sampler)
     apply_speed_options(pipe, settings.fuse_qkv, settings.channels_last)

@@ -20,9 +20,9 @@ from torch.compiler import is_compiling
 
 from sdcli import SdcliError, backends, error_line
 from sdcli.backends import Backend, Machine, Shape
+from sdcli.numerics import dtype_name
 
 AUTO = "auto"
-DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 
 
 class RoutingError(SdcliError):
@@ -75,7 +75,7 @@ class Layer:
 
     def shape_of(self, q, k, mask=None) -> Shape:
         """The full shape of one call of this layer, batch included."""
-        return Shape(self.heads, self.head_dim, q.shape[1], k.shape[1], DTYPE_NAMES.get(str(q.dtype), str(q.dtype)),
+        return Shape(self.heads, self.head_dim, q.shape[1], k.shape[1], dtype_name(q.dtype),
                      mask is not None, batch=q.shape[0])
 
     @property
@@ -119,7 +119,7 @@ class Router:
         heads = attn.heads
         head_dim = attn.inner_dim // heads
         layer = Layer(name, "cross" if attn.is_cross_attention else "self", heads, head_dim,
-                      DTYPE_NAMES.get(str(weight.dtype), str(weight.dtype)))
+                      dtype_name(weight.dtype))
         shape = Shape(heads, head_dim, dtype=layer.dtype)
         machine = self._machine(weight.device)
         for backend in self.chain:
