@@ -15,8 +15,6 @@ import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sdcli import error_line
-
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
 QUANTIZED = "quantized"  # computes in lower precision on purpose (INT8/FP8): results move more
 
@@ -414,46 +412,3 @@ def assess(report: dict, device: str | None = None, dtype: str | None = None) ->
                      "status": BROKEN, "reason": error, "fix": f"fix or uninstall the package behind {name!r}",
                      "serves": None})
     return {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype, "backends": rows}
-
-
-def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 5, batch: int = 1,
-            min_seconds: float = 0.05) -> dict:
-    """Run one backend at one shape on random inputs: accuracy against exact attention, median time, TFLOP/s.
-    Repeats until `min_seconds` of work or 20× `repeats` calls, so tiny shapes are not timed on noise."""
-    import time
-    import warnings
-
-    import torch
-
-    from sdcli import numerics
-
-    dtype = numerics.torch_dtype(shape.dtype)
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, n, shape.heads, shape.head_dim, generator=gen).to(device, dtype)
-               for n in (shape.q_len, shape.kv_len, shape.kv_len))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
-    try:
-        with warnings.catch_warnings():  # flex warns on every eager call; its summary already says so
-            warnings.simplefilter("ignore", UserWarning)
-            out = backend.run(q, k, v)
-            sync()
-            while len(times) < repeats or (sum(times) < min_seconds and len(times) < 20 * repeats):
-                t0 = time.perf_counter()
-                backend.run(q, k, v)
-                sync()
-                times.append(time.perf_counter() - t0)
-    except Exception as exc:  # out of memory too: the backend is not viable at this shape
-        del q, k, v
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        return {"backend": backend.name, "kind": backend.kind, "shape": str(shape), "batch": batch, "ok": False,
-                "error": error_line(exc)}
-    seconds = sorted(times)[len(times) // 2]
-    flops = 4 * batch * shape.heads * shape.q_len * shape.kv_len * shape.head_dim
-    acc = numerics.accuracy(out, q, k, v)
-    return {
-        "backend": backend.name, "kind": backend.kind, "shape": str(shape), "batch": batch,
-        "ok": numerics.within_bound(backend.kind, acc), **acc,
-        "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "calls_timed": len(times),
-    }

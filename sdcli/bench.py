@@ -10,10 +10,9 @@ alone at the model's real shapes. Warm-up first, CUDA-synchronised timing, media
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 
-from sdcli import backends, pipeline, routing, tuning
+from sdcli import backends, pipeline, routing, timing, tuning
 
 STOCK = "diffusers"
 
@@ -116,17 +115,10 @@ class Runner:
         return run.router
 
     def render(self, batch: int, steps: int | None = None) -> float:
-        import torch
-
         items = pipeline.work_items(self.run.settings)[:1] * batch
-        cuda = self.run.device.startswith("cuda")
-        if cuda:
-            torch.cuda.synchronize(self.run.device)
-        t0 = time.perf_counter()
-        pipeline.render(self.run, items, steps=steps)
-        if cuda:
-            torch.cuda.synchronize(self.run.device)
-        return time.perf_counter() - t0
+        with timing.stopwatch(self.run.device) as watch:
+            pipeline.render(self.run, items, steps=steps)
+        return watch.seconds
 
     def point(self, config: Config, batch: int) -> dict:
         """Throughput of `config` at `batch`: a short warm-up, then the median of `repeats` full runs."""

@@ -210,7 +210,7 @@ CPU_PROBE_SEQ = 1024
 def probe_backends(report: dict, verdicts: dict, quiet: bool) -> list:
     from rich.progress import Progress
 
-    from sdcli import backends
+    from sdcli import backends, timing
 
     # On a CPU the full 4096-9216-long sequences take minutes; the heads and head dims are what differ.
     cap = None if verdicts["device"].startswith("cuda") else CPU_PROBE_SEQ
@@ -231,7 +231,7 @@ def probe_backends(report: dict, verdicts: dict, quiet: bool) -> list:
         task = bar.add_task("probing backends", total=len(todo))
         for b, s in todo:
             bar.update(task, description=f"{b.name} {s}")
-            results.append(backends.measure(b, s, verdicts["device"], repeats=3))
+            results.append(timing.measure(b, s, verdicts["device"], repeats=3))
             bar.advance(task)
     return results
 

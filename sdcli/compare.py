@@ -16,10 +16,9 @@ is that backend's alone.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, error_line, numerics, pipeline, routing
+from sdcli import SdcliError, backends, error_line, numerics, pipeline, routing, timing
 from sdcli.backends import EXACT, Backend
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
@@ -149,17 +148,13 @@ def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, 
             first["latent"] = latents.detach().float().clone()
 
     if cuda:
-        torch.cuda.synchronize(run.device)
         torch.cuda.reset_peak_memory_stats(run.device)
         before = torch.cuda.memory_allocated(run.device)
-    t0 = time.perf_counter()
-    images, problems = pipeline.render(run, [item], on_step)
-    if cuda:
-        torch.cuda.synchronize(run.device)
-    seconds = time.perf_counter() - t0
+    with timing.stopwatch(run.device) as watch:
+        images, problems = pipeline.render(run, [item], on_step)
     first_name = router.chain[0].name
     return Outcome(
-        router.requested, router.chain[0].kind, image=images[0], step_latent=first.get("latent"), seconds=seconds,
+        router.requested, router.chain[0].kind, image=images[0], step_latent=first.get("latent"), seconds=watch.seconds,
         peak_memory_gb=round((torch.cuda.max_memory_allocated(run.device) - before) / 2**30, 3) if cuda else None,
         served=dict(router.served()), layers=len(router.layers), problem=problems[0],
         fallback_layers=sum(1 for l in router.layers if first_name in l.refused and l.served()))

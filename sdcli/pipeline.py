@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, __version__, backends, numerics
+from sdcli import SdcliError, __version__, backends, numerics, timing
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
 SCHEDULERS = {
@@ -298,11 +298,9 @@ def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=N
         batch = items[start:start + s.batch_size]
         if all(item.index in skip for item in batch):
             continue
-        t0 = time.perf_counter()
-        images, problems = render(run, batch, on_step)
-        if cuda:
-            torch.cuda.synchronize(run.device)
-        seconds = (time.perf_counter() - t0) / len(batch)
+        with timing.stopwatch(run.device) as watch:
+            images, problems = render(run, batch, on_step)
+        seconds = watch.seconds / len(batch)
         run.seconds += seconds * len(batch)
         for item, image, problem in zip(batch, images, problems):
             if item.index in skip:

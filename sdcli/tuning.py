@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from sdcli import backends, routing
+from sdcli import backends, routing, timing
 from sdcli.backends import EXACT, Machine, Shape
 
 VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "xformers", "sageattention")
@@ -84,7 +84,7 @@ def measure_shapes(shapes: list[Shape], machine: Machine, quantized: bool, on_pr
         for backend in candidates(machine, shape, quantized, everything):
             if on_progress:
                 on_progress(f"{backend.name} at {shape}")
-            rows.append(backends.measure(backend, shape, machine.device, batch=shape.batch or 1))
+            rows.append(timing.measure(backend, shape, machine.device, batch=shape.batch or 1))
         good = [r for r in rows if r["ok"]]
         choice = min(good, key=lambda r: r["ms"])["backend"] if good else None
         entries.append({"shape": asdict(shape), "choice": choice, "measurements": rows})
