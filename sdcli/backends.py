@@ -15,6 +15,9 @@ import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Callable
 
+from sdcli import hardware
+from sdcli.hardware import Machine
+
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
 QUANTIZED = "quantized"  # computes in lower precision on purpose (INT8/FP8): results move more
 
@@ -67,38 +70,6 @@ class Verdict:
     @property
     def usable(self) -> bool:
         return self.status == USABLE
-
-
-class Machine:
-    """Read-only view of a hardware report, for one target device ('cuda:N' or 'cpu')."""
-
-    def __init__(self, report: dict, device: str | None = None):
-        self.report = report
-        gpus = report.get("gpus") or []
-        cuda_ok = bool(report.get("torch", {}).get("cuda_available")) and bool(gpus)
-        device = "cuda:0" if device == "cuda" else device
-        self.device = device or ("cuda:0" if cuda_ok else "cpu")
-        self.is_cuda = self.device.startswith("cuda")
-        index = int(self.device.split(":")[1]) if ":" in self.device else 0
-        self.gpu = next((g for g in gpus if g.get("index") == index), None) if self.is_cuda else None
-
-    @property
-    def compute_capability(self) -> tuple[int, int] | None:
-        cc = (self.gpu or {}).get("compute_capability")
-        return tuple(int(x) for x in cc.split(".")) if cc else None
-
-    @property
-    def gpu_label(self) -> str:
-        if not self.gpu:
-            return "CPU"
-        cc = self.gpu.get("compute_capability")
-        return f"{self.gpu['name']} (SM{cc.replace('.', '')})" if cc else self.gpu["name"]
-
-    def package(self, key: str) -> dict:
-        return self.report.get("packages", {}).get(key) or {"version": None, "import_ok": None}
-
-    def dtype_supported(self, name: str) -> bool | None:
-        return (self.report.get("dtypes", {}).get(name) or {}).get("supported")
 
 
 # ----- checks: each returns None (fine) or a Refusal -------------------------------------------------
@@ -378,13 +349,6 @@ REFERENCE_SHAPES = {
 }
 
 
-def default_dtype(machine: Machine) -> str:
-    """The dtype sdcli runs in by default: bf16 where measured to work on the GPU, fp16 on older GPUs."""
-    if not machine.is_cuda:
-        return "fp32"
-    return "bf16" if machine.dtype_supported("bf16") and (machine.compute_capability or (0, 0)) >= (8, 0) else "fp16"
-
-
 def serves(backend: Backend, machine: Machine, dtype: str) -> dict:
     """Which reference layer shapes the backend takes: {family: {"ok": n, "of": m, "refused": [why, ...]}}."""
     out = {}
@@ -398,7 +362,7 @@ def serves(backend: Backend, machine: Machine, dtype: str) -> dict:
 def assess(report: dict, device: str | None = None, dtype: str | None = None) -> dict:
     """Every backend's verdict for this machine, and which Stable Diffusion layers it could serve."""
     machine = Machine(report, device)
-    dtype = dtype or default_dtype(machine)
+    dtype = dtype or hardware.default_dtype(machine)
     rows = []
     for backend in all_backends():
         v = backend.verdict(machine)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from sdcli import backends, pipeline, routing, timing, tuning
+from sdcli import backends, hardware, pipeline, routing, timing, tuning
 
 STOCK = "diffusers"
 
@@ -33,7 +33,7 @@ class Config:
 def choose_configs(report: dict, device: str, names: list[str] | None, options: tuple[str, ...]) -> list[Config]:
     """Stock diffusers, each named backend (default: every exact one usable here), auto, and auto with the
     speed options if any. Option configs come last: fused projections and compilation change the model."""
-    machine = backends.Machine(report, device)
+    machine = hardware.Machine(report, device)
     if names is None:
         names = [b.name for b in backends.all_backends()
                  if b.kind == backends.EXACT and b.in_auto and b.verdict(machine).usable]
@@ -166,16 +166,14 @@ class Runner:
 def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
           options: tuple[str, ...] = (), find_max: bool = True, max_batch: int = 256, micro: bool = True,
           on_progress=None, report: dict | None = None) -> dict:
-    from sdcli import hardware
-
     report = report or hardware.probe()
     settings.backend, settings.tune = "sdpa", False  # loaded plainly; each config routes for itself
     run = pipeline.prepare(settings, report)
     configs = choose_configs(report, run.device, names, options)
     runner = Runner(run, repeats, on_progress)
-    machine = backends.Machine(report, run.device)
+    machine = hardware.Machine(report, run.device)
     result = {
-        "model": run.model_name, "device": run.device, "gpu": backends.Machine(report, run.device).gpu_label,
+        "model": run.model_name, "device": run.device, "gpu": hardware.Machine(report, run.device).gpu_label,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "steps": settings.steps, "guidance": settings.guidance,
         "width": settings.width or pipeline.native_size(run.pipe), "height": settings.height or pipeline.native_size(run.pipe),
         "repeats": repeats, "batch_sizes": batch_sizes, "versions": {k: v.get("version") for k, v in

@@ -210,7 +210,7 @@ CPU_PROBE_SEQ = 1024
 def probe_backends(report: dict, verdicts: dict, quiet: bool) -> list:
     from rich.progress import Progress
 
-    from sdcli import backends, timing
+    from sdcli import backends, hardware, timing
 
     # On a CPU the full 4096-9216-long sequences take minutes; the heads and head dims are what differ.
     cap = None if verdicts["device"].startswith("cuda") else CPU_PROBE_SEQ
@@ -220,7 +220,7 @@ def probe_backends(report: dict, verdicts: dict, quiet: bool) -> list:
             shape = backends.Shape(heads, head_dim, min(q, cap or q), min(kv, cap or kv), verdicts["dtype"])
             if kv != 77 and shape not in shapes:  # self-attention only: the big calls, where kernels differ
                 shapes.append(shape)
-    machine = backends.Machine(report, verdicts["device"])
+    machine = hardware.Machine(report, verdicts["device"])
     todo = []
     for row in verdicts["backends"]:
         if row["status"] == backends.USABLE:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, error_line, numerics, pipeline, routing, timing
+from sdcli import SdcliError, backends, error_line, hardware, numerics, pipeline, routing, timing
 from sdcli.backends import EXACT, Backend
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
@@ -52,7 +52,7 @@ class CapturingRouter(routing.Router):
 def choose(report: dict, device: str, names: list[str] | None, reference: str | None) -> tuple[Backend, list[Backend]]:
     """The reference (default: the most exact backend here, SDPA's math kernel) and the backends to compare
     (default: every one usable on this machine)."""
-    machine = backends.Machine(report, device)
+    machine = hardware.Machine(report, device)
     try:
         ref = backends.get(reference or "sdpa-math")
         chosen = [backends.get(n) for n in names] if names else None
@@ -65,7 +65,7 @@ def choose(report: dict, device: str, names: list[str] | None, reference: str | 
     return ref, [b for b in chosen if b.name != ref.name]
 
 
-def kernel_errors(capture: Capture, candidates: list[Backend], machine: backends.Machine,
+def kernel_errors(capture: Capture, candidates: list[Backend], machine: hardware.Machine,
                   layers) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Replay every captured layer through each backend: error against wide-dtype math, and against rounding.
     The layer's baseline is computed once for all backends. Returns rows per backend, and the backends that
@@ -163,8 +163,6 @@ def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, 
 def compare(settings: pipeline.Settings, names: list[str] | None = None, reference: str | None = None,
             thresholds: Thresholds | None = None, on_progress=None, report: dict | None = None) -> dict:
     """Run the reference and every backend on one prompt and seed; return rows with verdicts and images."""
-    from sdcli import hardware
-
     thresholds = thresholds or Thresholds()
     report = report or hardware.probe()
     device = pipeline.choose_device(report, settings.device)

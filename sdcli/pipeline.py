@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, __version__, backends, numerics, timing
+from sdcli import SdcliError, __version__, backends, hardware, numerics, timing
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
 SCHEDULERS = {
@@ -204,7 +204,7 @@ def choose_device(report: dict, device: str | None) -> str:
 def prepare(settings: Settings, report: dict | None = None, on_progress=None) -> Run:
     """Validate, probe, load the model, set the scheduler, measure or read `auto`'s plan, route attention and
     apply the speed options. Nothing is generated yet. on_progress(text) hears about slow steps."""
-    from sdcli import hardware, models, routing, tuning
+    from sdcli import models, routing, tuning
 
     if settings.seed is None:
         settings.seed = secrets.randbelow(2**32)
@@ -212,8 +212,8 @@ def prepare(settings: Settings, report: dict | None = None, on_progress=None) ->
     models.resolve(settings.model)  # a missing model fails before the slow imports
     report = report or hardware.probe()
     device = choose_device(report, settings.device)
-    machine = backends.Machine(report, device)
-    dtype = backends.default_dtype(machine) if settings.dtype == "auto" else settings.dtype
+    machine = hardware.Machine(report, device)
+    dtype = hardware.default_dtype(machine) if settings.dtype == "auto" else settings.dtype
     t0 = time.perf_counter()
     pipe, name = models.load(settings.model, dtype, device)
     vae_dtype = settings.vae_dtype
@@ -402,7 +402,7 @@ def recipe(run: Run, item: Item) -> dict:
         "scheduler": s.scheduler, "sampler": run.sampler, "model": run.model_name, "backend": s.backend,
         "fallback": s.fallback, "quantized": s.quantized, "attention": attention_summary(run.router),
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "device": run.device,
-        "gpu": backends.Machine(run.report, run.device).gpu_label, "batch_size": s.batch_size,
+        "gpu": hardware.Machine(run.report, run.device).gpu_label, "batch_size": s.batch_size,
         "versions": {"sdcli": __version__, **{k: v.get("version") for k, v in run.report.get("packages", {}).items()
                                               if v.get("version")}},
     }

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from torch.compiler import is_compiling
 
 from sdcli import SdcliError, backends, error_line
-from sdcli.backends import Backend, Machine, Shape
+from sdcli.backends import Backend, Shape
+from sdcli.hardware import Machine
 from sdcli.numerics import dtype_name
 
 AUTO = "auto"

@@ -19,7 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sdcli import backends, routing, timing
-from sdcli.backends import EXACT, Machine, Shape
+from sdcli.backends import EXACT, Shape
+from sdcli.hardware import Machine
 
 VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "xformers", "sageattention")
 
