@@ -15,7 +15,6 @@ import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sdcli import hardware
 from sdcli.hardware import Machine
 
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
@@ -296,6 +295,14 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def usable_here(machine: Machine, shape: Shape | None = None, quantized: bool = True,
+                in_auto_only: bool = False) -> list[Backend]:
+    """The registered backends whose checks pass on `machine` (at `shape`, if given); without `quantized` exact
+    ones only; with `in_auto_only` not those that are slow by design."""
+    return [b for b in all_backends() if (quantized or b.kind == EXACT) and (b.in_auto or not in_auto_only)
+            and b.verdict(machine, shape).usable]
+
+
 FLASH_HOW = " --no-build-isolation  (no wheel on PyPI: builds from source, needs the CUDA toolkit)"
 half = dtypes("fp16", "bf16")
 
@@ -336,43 +343,3 @@ for _b in [
                     half, head_dim_at_most(128), no_mask]),
 ]:
     register(_b)
-
-
-# ----- judging a machine ------------------------------------------------------------------------------
-
-# The attention shapes of the models sdcli is for (../shared/FACTS.md): (heads, head_dim, q_len, kv_len).
-REFERENCE_SHAPES = {
-    "SD 1.x 512²": [(8, 40, 4096, 4096), (8, 40, 4096, 77), (8, 80, 1024, 1024), (8, 160, 256, 256), (8, 160, 64, 77)],
-    "SD 2.x 768²": [(5, 64, 9216, 9216), (10, 64, 2304, 77), (20, 64, 576, 576)],
-    "SDXL 1024²": [(10, 64, 4096, 4096), (10, 64, 4096, 77), (20, 64, 1024, 1024)],
-    "VAE 512²": [(1, 512, 4096, 4096)],
-}
-
-
-def serves(backend: Backend, machine: Machine, dtype: str) -> dict:
-    """Which reference layer shapes the backend takes: {family: {"ok": n, "of": m, "refused": [why, ...]}}."""
-    out = {}
-    for family, shapes in REFERENCE_SHAPES.items():
-        verdicts = [backend.verdict(machine, Shape(h, d, q, kv, dtype)) for h, d, q, kv in shapes]
-        refused = list(dict.fromkeys(v.reason for v in verdicts if not v.usable))
-        out[family] = {"ok": sum(v.usable for v in verdicts), "of": len(shapes), "refused": refused}
-    return out
-
-
-def assess(report: dict, device: str | None = None, dtype: str | None = None) -> dict:
-    """Every backend's verdict for this machine, and which Stable Diffusion layers it could serve."""
-    machine = Machine(report, device)
-    dtype = dtype or hardware.default_dtype(machine)
-    rows = []
-    for backend in all_backends():
-        v = backend.verdict(machine)
-        rows.append({
-            "backend": backend.name, "kind": backend.kind, "origin": backend.origin, "summary": backend.summary,
-            "status": v.status, "reason": v.reason, "fix": v.fix,
-            "serves": serves(backend, machine, dtype) if v.usable else None,
-        })
-    for name, error in plugin_errors().items():
-        rows.append({"backend": name, "kind": "?", "origin": "plugin", "summary": "failed to load",
-                     "status": BROKEN, "reason": error, "fix": f"fix or uninstall the package behind {name!r}",
-                     "serves": None})
-    return {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype, "backends": rows}

@@ -35,8 +35,7 @@ def choose_configs(report: dict, device: str, names: list[str] | None, options: 
     speed options if any. Option configs come last: fused projections and compilation change the model."""
     machine = hardware.Machine(report, device)
     if names is None:
-        names = [b.name for b in backends.all_backends()
-                 if b.kind == backends.EXACT and b.in_auto and b.verdict(machine).usable]
+        names = [b.name for b in backends.usable_here(machine, quantized=False, in_auto_only=True)]
     configs = [Config(STOCK, None)] + [Config(n, n) for n in names if n != routing.AUTO] + [Config("auto", "auto")]
     if options:
         configs.append(Config("auto+" + "+".join(options), "auto", options))

@@ -80,20 +80,6 @@ def root(
 # ----- doctor -----------------------------------------------------------------------------------------
 
 
-def load_report(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise SdcliError(f"cannot read report {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SdcliError(f"{path} is not a JSON report ({exc})") from None
-    if isinstance(data, dict) and isinstance(data.get("report"), dict):  # a saved `sdcli doctor --json`
-        data = data["report"]
-    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("sdcli.report/"):
-        raise SdcliError(f"{path} is not an sdcli report (make one with: sdcli doctor --json > report.json)")
-    return data
-
-
 def serves_text(serves: dict | None) -> str:
     if not serves:
         return ""
@@ -158,6 +144,8 @@ def print_doctor(report: dict, verdicts: dict, probe: list | None) -> None:
     out.print(bt)
 
     if probe:
+        from sdcli.doctor import CPU_PROBE_SEQ
+
         capped = "" if verdicts["device"].startswith("cuda") else f", sequences capped at {CPU_PROBE_SEQ} on the CPU"
         pt = Table(title=f"Probe: each backend at SD shapes, error against fp32 math{capped}", title_justify="left")
         for col in ("backend", "shape", "rel. error", "ms", "TFLOP/s"):
@@ -181,59 +169,21 @@ def doctor(
     dtype: Annotated[Optional[str], typer.Option(help="Judge shapes in this dtype: fp16, bf16 or fp32.")] = None,
 ) -> None:
     """What this machine can run: GPU, packages, and a verdict with a fix for every attention backend."""
-    from sdcli import backends, hardware, numerics, tuning
-
-    if dtype and dtype not in numerics.DTYPES:
-        raise SdcliError(f"--dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
-    if device and not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise SdcliError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
-    if report and probe:
-        raise SdcliError("--probe runs kernels on this machine; it can't be combined with --report")
-    data = load_report(report) if report else hardware.probe()
-    verdicts = backends.assess(data, device, dtype)
-    probed = None
-    if probe:
-        probed = probe_backends(data, verdicts, quiet=json_out)
-    plans = [] if report else tuning.cached_plans(data, device)  # plans measured on this machine
-    if json_out:
-        emit_json({"report": data, "verdicts": verdicts, "probe": probed, "plans": plans})
-    else:
-        print_doctor(data, verdicts, probed)
-        for plan in plans:
-            out.print(plan_table(plan, tuning.summary(plan)))
-            out.print(f"  {plan['path']}", style="dim", soft_wrap=True)
-
-
-CPU_PROBE_SEQ = 1024
-
-
-def probe_backends(report: dict, verdicts: dict, quiet: bool) -> list:
     from rich.progress import Progress
 
-    from sdcli import backends, hardware, timing
+    from sdcli import api, tuning
 
-    # On a CPU the full 4096-9216-long sequences take minutes; the heads and head dims are what differ.
-    cap = None if verdicts["device"].startswith("cuda") else CPU_PROBE_SEQ
-    shapes = []
-    for items in backends.REFERENCE_SHAPES.values():
-        for heads, head_dim, q, kv in items:
-            shape = backends.Shape(heads, head_dim, min(q, cap or q), min(kv, cap or kv), verdicts["dtype"])
-            if kv != 77 and shape not in shapes:  # self-attention only: the big calls, where kernels differ
-                shapes.append(shape)
-    machine = hardware.Machine(report, verdicts["device"])
-    todo = []
-    for row in verdicts["backends"]:
-        if row["status"] == backends.USABLE:
-            b = backends.get(row["backend"])
-            todo += [(b, s) for s in shapes if b.verdict(machine, s).usable]
-    results = []
-    with Progress(console=err, disable=quiet, transient=True) as bar:
-        task = bar.add_task("probing backends", total=len(todo))
-        for b, s in todo:
-            bar.update(task, description=f"{b.name} {s}")
-            results.append(timing.measure(b, s, verdicts["device"], repeats=3))
-            bar.advance(task)
-    return results
+    with Progress(console=err, disable=json_out or not probe, transient=True) as bar:
+        task = bar.add_task("probing backends", total=None)
+        result = api.doctor(device=device, dtype=dtype, probe=probe, report=report,
+                            on_progress=lambda text, total: bar.update(task, description=text, total=total, advance=1))
+    if json_out:
+        emit_json(result)
+    else:
+        print_doctor(result["report"], result["verdicts"], result["probe"])
+        for plan in result["plans"]:
+            out.print(plan_table(plan, tuning.summary(plan)))
+            out.print(f"  {plan['path']}", style="dim", soft_wrap=True)
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def choose(report: dict, device: str, names: list[str] | None, reference: str | 
     if not ref.verdict(machine).usable:
         raise SdcliError(f"reference backend {ref.name} can't run here: {ref.verdict(machine).reason}")
     if chosen is None:
-        chosen = [b for b in backends.all_backends() if b.verdict(machine).usable and b.name != ref.name]
+        chosen = backends.usable_here(machine)
     return ref, [b for b in chosen if b.name != ref.name]
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sdcli import backends, routing, timing
-from sdcli.backends import EXACT, Shape
+from sdcli.backends import Shape
 from sdcli.hardware import Machine
 
 VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "xformers", "sageattention")
@@ -69,20 +69,13 @@ def collect_shapes(run) -> list[Shape]:
     return routing.seen_shapes(router)
 
 
-def candidates(machine: Machine, shape: Shape, quantized: bool, everything: bool = False) -> list:
-    """Backends that can take `shape` here: exact ones (quantized too if asked), those meant for auto unless
-    `everything` (the micro-benchmark times them all)."""
-    return [b for b in backends.all_backends()
-            if (b.kind == EXACT or quantized) and (b.in_auto or everything) and b.verdict(machine, shape).usable]
-
-
 def measure_shapes(shapes: list[Shape], machine: Machine, quantized: bool, on_progress=None,
                    everything: bool = False) -> list[dict]:
     """Time every eligible backend at every shape; the fastest within its accuracy bound is the choice."""
     entries = []
     for shape in shapes:
         rows = []
-        for backend in candidates(machine, shape, quantized, everything):
+        for backend in backends.usable_here(machine, shape, quantized, in_auto_only=not everything):
             if on_progress:
                 on_progress(f"{backend.name} at {shape}")
             rows.append(timing.measure(backend, shape, machine.device, batch=shape.batch or 1))

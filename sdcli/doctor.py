@@ -1,0 +1,108 @@
+"""`sdcli doctor` as data: what this machine (or a saved report) can run, and how well.
+
+Judging is the registry's checks applied to a hardware report: every backend's verdict for the
+machine, and which layer shapes of the Stable Diffusion models it could serve. The probe runs each
+usable backend at those shapes. Everything here returns plain data; views.py draws it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdcli import SdcliError, hardware, numerics, timing
+from sdcli.backends import BROKEN, Backend, Shape, all_backends, plugin_errors, usable_here
+from sdcli.hardware import Machine
+
+# The attention shapes of the models sdcli is for (../shared/FACTS.md): (heads, head_dim, q_len, kv_len).
+REFERENCE_SHAPES = {
+    "SD 1.x 512²": [(8, 40, 4096, 4096), (8, 40, 4096, 77), (8, 80, 1024, 1024), (8, 160, 256, 256), (8, 160, 64, 77)],
+    "SD 2.x 768²": [(5, 64, 9216, 9216), (10, 64, 2304, 77), (20, 64, 576, 576)],
+    "SDXL 1024²": [(10, 64, 4096, 4096), (10, 64, 4096, 77), (20, 64, 1024, 1024)],
+    "VAE 512²": [(1, 512, 4096, 4096)],
+}
+# On a CPU the full 4096-9216-long sequences take minutes; the heads and head dims are what differ.
+CPU_PROBE_SEQ = 1024
+
+
+def serves(backend: Backend, machine: Machine, dtype: str) -> dict:
+    """Which reference layer shapes the backend takes: {family: {"ok": n, "of": m, "refused": [why, ...]}}."""
+    out = {}
+    for family, shapes in REFERENCE_SHAPES.items():
+        verdicts = [backend.verdict(machine, Shape(h, d, q, kv, dtype)) for h, d, q, kv in shapes]
+        refused = list(dict.fromkeys(v.reason for v in verdicts if not v.usable))
+        out[family] = {"ok": sum(v.usable for v in verdicts), "of": len(shapes), "refused": refused}
+    return out
+
+
+def assess(report: dict, device: str | None = None, dtype: str | None = None) -> dict:
+    """Every backend's verdict for this machine, and which Stable Diffusion layers it could serve."""
+    machine = Machine(report, device)
+    dtype = dtype or hardware.default_dtype(machine)
+    rows = []
+    for backend in all_backends():
+        v = backend.verdict(machine)
+        rows.append({
+            "backend": backend.name, "kind": backend.kind, "origin": backend.origin, "summary": backend.summary,
+            "status": v.status, "reason": v.reason, "fix": v.fix,
+            "serves": serves(backend, machine, dtype) if v.usable else None,
+        })
+    for name, error in plugin_errors().items():
+        rows.append({"backend": name, "kind": "?", "origin": "plugin", "summary": "failed to load",
+                     "status": BROKEN, "reason": error, "fix": f"fix or uninstall the package behind {name!r}",
+                     "serves": None})
+    return {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype, "backends": rows}
+
+
+def probe(report: dict, verdicts: dict, on_progress=None) -> list[dict]:
+    """Run every usable backend at each reference self-attention shape it takes: error against exact attention
+    and time. on_progress(text, total) before each measurement."""
+    cap = None if verdicts["device"].startswith("cuda") else CPU_PROBE_SEQ
+    shapes = []
+    for items in REFERENCE_SHAPES.values():
+        for heads, head_dim, q, kv in items:
+            shape = Shape(heads, head_dim, min(q, cap or q), min(kv, cap or kv), verdicts["dtype"])
+            if kv != 77 and shape not in shapes:  # self-attention only: the big calls, where kernels differ
+                shapes.append(shape)
+    machine = Machine(report, verdicts["device"])
+    todo = [(b, s) for b in usable_here(machine) for s in shapes if b.verdict(machine, s).usable]
+    results = []
+    for b, s in todo:
+        if on_progress:
+            on_progress(f"{b.name} {s}", len(todo))
+        results.append(timing.measure(b, s, verdicts["device"], repeats=3))
+    return results
+
+
+def load_report(path: Path) -> dict:
+    """A saved `sdcli doctor --json` (or the bare report in it), checked to be one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise SdcliError(f"cannot read report {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SdcliError(f"{path} is not a JSON report ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("report"), dict):  # a saved `sdcli doctor --json`
+        data = data["report"]
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("sdcli.report/"):
+        raise SdcliError(f"{path} is not an sdcli report (make one with: sdcli doctor --json > report.json)")
+    return data
+
+
+def diagnose(report: Path | None = None, probe_kernels: bool = False, device: str | None = None,
+             dtype: str | None = None, on_progress=None) -> dict:
+    """The whole doctor report: the machine (probed now, or read from `report`), every backend's verdict, the
+    probe's measurements (if asked) and the measured plans cached for this machine."""
+    from sdcli import tuning
+
+    if dtype and dtype not in numerics.DTYPES:
+        raise SdcliError(f"--dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
+    if device and not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise SdcliError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    if report and probe_kernels:
+        raise SdcliError("--probe runs kernels on this machine; it can't be combined with --report")
+    data = load_report(report) if report else hardware.probe()
+    verdicts = assess(data, device, dtype)
+    probed = probe(data, verdicts, on_progress) if probe_kernels else None
+    plans = [] if report else tuning.cached_plans(data, device)  # plans measured on this machine
+    return {"report": data, "verdicts": verdicts, "probe": probed, "plans": plans}
