@@ -13,6 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from sdcli import backends, hardware, pipeline, routing, timing, tuning
+from sdcli.images import write_new
 
 STOCK = "diffusers"
 
@@ -174,7 +175,7 @@ def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3,
     result = {
         "model": run.model_name, "device": run.device, "gpu": hardware.Machine(report, run.device).gpu_label,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "steps": settings.steps, "guidance": settings.guidance,
-        "width": settings.width or pipeline.native_size(run.pipe), "height": settings.height or pipeline.native_size(run.pipe),
+        "width": run.size[0], "height": run.size[1],
         "repeats": repeats, "batch_sizes": batch_sizes, "versions": {k: v.get("version") for k, v in
                                                                     report.get("packages", {}).items()},
         "configs": [],
@@ -245,7 +246,7 @@ def save(result: dict, folder) -> dict:
 
     folder = Path(folder)
     stem = f"bench-{result['model'].replace('/', '_')}-{result['dtype']}"
-    result["plot"] = str(pipeline.write_new(folder, stem, ".png", lambda p: plot(result, p)))
-    result["json"] = str(pipeline.write_new(folder, stem, ".json",
+    result["plot"] = str(write_new(folder, stem, ".png", lambda p: plot(result, p)))
+    result["json"] = str(write_new(folder, stem, ".json",
                                             lambda p: p.write_text(json.dumps(result, indent=2, default=str))))
     return result

@@ -297,7 +297,7 @@ def generate_share(settings, ranks, resume: bool, json_out: bool, quiet: bool, v
     """This process's share of the work (under a launcher, or with --resume), recorded line by line; then
     every rank waits for the others, and rank 0 writes the manifest and reports. Other ranks print only errors.
     A rank that fails says so at once, then waits too, so the others finish their shares."""
-    from sdcli import distributed, hardware, pipeline
+    from sdcli import distributed, hardware, images, pipeline
 
     folder = settings.output_dir
     items = pipeline.work_items(settings)
@@ -315,7 +315,7 @@ def generate_share(settings, ranks, resume: bool, json_out: bool, quiet: bool, v
                 run = prepare_with_status(settings, not speaks, hardware.probe(only_gpu=gpu) if several else None)
                 run_with_progress(run, mine, quiet=not speaks or not err.is_terminal, skip=set(done),
                                   on_saved=lambda result: distributed.record(
-                                      part, result, ranks.rank, pipeline.attention_summary(run.router)),
+                                      part, result, ranks.rank, images.attention_summary(run.router)),
                                   rank=ranks.rank if several else None)
     except typer.Exit as exc:  # interrupted: run_with_progress said so
         error, code = "interrupted", exc.exit_code

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 
 from sdcli import SdcliError, backends, error_line, hardware, numerics, pipeline, routing, timing
+from sdcli.images import write_new
 from sdcli.backends import EXACT, Backend
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
@@ -294,10 +295,10 @@ def save(result: dict, folder) -> dict:
     folder = Path(folder)
     stem = f"compare-{result['seed']}"
     picture = grid(result["_images"], result["rows"], result["reference"])
-    png = pipeline.write_new(folder, stem, ".png", lambda p: picture.save(p, format="PNG"))
+    png = write_new(folder, stem, ".png", lambda p: picture.save(p, format="PNG"))
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     public["grid"] = str(png)
-    js = pipeline.write_new(folder, stem, ".json", lambda p: p.write_text(json.dumps(public, indent=2, default=str)))
+    js = write_new(folder, stem, ".json", lambda p: p.write_text(json.dumps(public, indent=2, default=str)))
     public["json"] = str(js)
     return public
 

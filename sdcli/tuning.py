@@ -33,14 +33,11 @@ def cache_dir() -> Path:
 
 def plan_key(run, quantized: bool) -> dict:
     """Everything a measured plan depends on; its hash names the cache file."""
-    from sdcli import pipeline
-
     machine = Machine(run.report, run.device)
     pipe = run.pipe
     # diffusers' private config keys (e.g. _use_default_values, built from a set) vary between processes
     config = json.dumps([{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in (pipe.unet, pipe.vae)],
                         sort_keys=True, default=str)
-    size = pipeline.native_size(pipe)
     plugins = sorted(f"{b.name}@{b.origin}" for b in backends.all_backends() if b.origin != "sdcli")
     return {
         "machine": machine.gpu_label if machine.is_cuda else f"CPU {run.report.get('system', {}).get('cpu')}",
@@ -49,7 +46,7 @@ def plan_key(run, quantized: bool) -> dict:
         "plugins": plugins,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype,
         "model": run.model_name, "model_config": hashlib.sha256(config.encode()).hexdigest()[:16],
-        "width": run.settings.width or size, "height": run.settings.height or size,
+        "width": run.size[0], "height": run.size[1],
         "batch_size": run.settings.batch_size, "quantized": quantized,
     }
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import pixels, run_sdcli, sdpa
-from sdcli.pipeline import read_parameters, read_recipe
+from sdcli.images import read_parameters, read_recipe
 
 TINY = ["--model", "tiny", "--steps", "3", "--seed", "42"]
 UNET_LAYERS, VAE_LAYERS = 14, 2  # the tiny model: 7 transformer blocks × (self, cross); VAE encoder + decoder
