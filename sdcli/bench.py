@@ -105,12 +105,12 @@ class Runner:
         if config.backend == routing.AUTO:
             if tune or run.tuning is None:
                 run.settings.batch_size = batch
-                run.tuning = tuning.load_or_tune(run, on_progress=lambda t: self.say(f"auto's plan: {t}"))
+                run.tuning = tuning.load_or_tune(run, pipeline.one_step, on_progress=lambda t: self.say(f"auto's plan: {t}"))
             preferred = tuning.preferences(run.tuning)
         run.router = routing.route(run.pipe, routing.Router.for_request(
             config.backend, run.report, run.device, fallback=True, preferred=preferred))
         if config.compiled and "compile" not in self.applied:
-            pipeline.compile_unet(run, batch)
+            pipeline.compile_denoiser(run, batch)
             self.applied.add("compile")
         return run.router
 
@@ -166,14 +166,23 @@ class Runner:
 def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
           options: tuple[str, ...] = (), find_max: bool = True, max_batch: int = 256, micro: bool = True,
           on_progress=None, report: dict | None = None) -> dict:
-    report = report or hardware.probe()
+    """Load the settings' model and bench it (see bench_run): what `sdcli bench` runs."""
     settings.backend, settings.tune = "sdpa", False  # loaded plainly; each config routes for itself
     run = pipeline.prepare(settings, report)
+    return bench_run(run, batch_sizes, repeats, names, options, find_max, max_batch, micro, on_progress)
+
+
+def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
+              options: tuple[str, ...] = (), find_max: bool = True, max_batch: int = 256, micro: bool = True,
+              on_progress=None) -> dict:
+    """Every configuration at every batch size on the run's pipeline, the largest batch that fits, and (with
+    `micro`) every backend alone at the model's attention shapes."""
+    settings, report = run.settings, run.report
     configs = choose_configs(report, run.device, names, options)
     runner = Runner(run, repeats, on_progress)
     machine = hardware.Machine(report, run.device)
     result = {
-        "model": run.model_name, "device": run.device, "gpu": hardware.Machine(report, run.device).gpu_label,
+        "model": run.model_name, "device": run.device, "gpu": machine.gpu_label,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "steps": settings.steps, "guidance": settings.guidance,
         "width": run.size[0], "height": run.size[1],
         "repeats": repeats, "batch_sizes": batch_sizes, "versions": {k: v.get("version") for k, v in
@@ -182,9 +191,8 @@ def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3,
     }
     if micro:  # first: the compiled configurations come last and would have to recompile for it
         runner.say("attention kernels at the model's shapes")
-        routing.route(run.pipe, routing.Router.for_request("sdpa", report, run.device))
         run.settings.batch_size = 1
-        result["attention"] = tuning.measure_shapes(tuning.collect_shapes(run), machine, quantized=True,
+        result["attention"] = tuning.measure_shapes(tuning.collect_shapes(run, pipeline.one_step), machine, quantized=True,
                                                     on_progress=lambda t: runner.say(f"kernels: {t}"), everything=True)
     for config in configs:
         points = []

@@ -31,22 +31,18 @@ class Thresholds:
     quantized_tol: float = numerics.QUANTIZED_TOL  # relative L2 error (SageAttention 2 reports ~0.01-0.05)
 
 
-@dataclass
-class Capture:
-    """The inputs of each layer's first attention call, kept for replay through every backend."""
-
-    calls: dict[str, tuple] = field(default_factory=dict)  # layer -> (q, k, v, mask, scale)
-
-
 class CapturingRouter(routing.Router):
-    def __init__(self, *args, capture: Capture, **kwargs):
+    """Routes like any router, and keeps the inputs of each layer's first attention call for replay through
+    every backend: layer -> (q, k, v, mask, scale)."""
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.capture = capture
+        self.calls: dict[str, tuple] = {}
 
     def attend(self, layer, q, k, v, mask=None, scale=None):
-        if layer.name not in self.capture.calls:
-            self.capture.calls[layer.name] = (q.detach().clone(), k.detach().clone(), v.detach().clone(),
-                                              None if mask is None else mask.detach().clone(), scale)
+        if layer.name not in self.calls:
+            self.calls[layer.name] = (q.detach().clone(), k.detach().clone(), v.detach().clone(),
+                                      None if mask is None else mask.detach().clone(), scale)
         return super().attend(layer, q, k, v, mask, scale)
 
 
@@ -66,7 +62,7 @@ def choose(report: dict, device: str, names: list[str] | None, reference: str | 
     return ref, [b for b in chosen if b.name != ref.name]
 
 
-def kernel_errors(capture: Capture, candidates: list[Backend], machine: hardware.Machine,
+def kernel_errors(calls: dict[str, tuple], candidates: list[Backend], machine: hardware.Machine,
                   layers) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Replay every captured layer through each backend: error against wide-dtype math, and against rounding.
     The layer's baseline is computed once for all backends. Returns rows per backend, and the backends that
@@ -76,7 +72,7 @@ def kernel_errors(capture: Capture, candidates: list[Backend], machine: hardware
     rows = {b.name: [] for b in candidates}
     failed: dict[str, str] = {}
     info = {l.name: l for l in layers}
-    for name, (q, k, v, mask, scale) in capture.calls.items():
+    for name, (q, k, v, mask, scale) in calls.items():
         shape = info[name].shape_of(q, k, mask)
         base = None
         for backend in candidates:
@@ -139,7 +135,7 @@ def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, 
 
     cuda = run.device.startswith("cuda")
     if warmup:
-        routing.route(run.pipe, routing.Router(router.chain, router.machine, router.strict, router.requested))
+        routing.route(run.pipe, router.fresh())
         pipeline.render(run, [item], steps=1)
     routing.route(run.pipe, router)
     first = {}
@@ -163,41 +159,34 @@ def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, 
 
 def compare(settings: pipeline.Settings, names: list[str] | None = None, reference: str | None = None,
             thresholds: Thresholds | None = None, on_progress=None, report: dict | None = None) -> dict:
-    """Run the reference and every backend on one prompt and seed; return rows with verdicts and images."""
-    thresholds = thresholds or Thresholds()
+    """Load the settings' model and compare (see compare_run): what `sdcli compare` runs."""
     report = report or hardware.probe()
-    device = pipeline.choose_device(report, settings.device)
-    ref, others = choose(report, device, names, reference)
+    ref, _ = choose(report, pipeline.choose_device(report, settings.device), names, reference)  # before loading
     settings.backend = ref.name
     settings.validate()
+    if on_progress:
+        on_progress(f"loading {settings.model}")
+    return compare_run(pipeline.prepare(settings, report), names, reference, thresholds, on_progress)
+
+
+def compare_run(run: pipeline.Run, names: list[str] | None = None, reference: str | None = None,
+                thresholds: Thresholds | None = None, on_progress=None) -> dict:
+    """Run the reference and every backend on the run's first item; return rows with verdicts and images.
+    The pipeline's attention processors are put back as they were."""
+    thresholds = thresholds or Thresholds()
+    ref, others = choose(run.report, run.device, names, reference)
     say = on_progress or (lambda text: None)
-    say(f"loading {settings.model}")
-    run = pipeline.prepare(settings, report)
-    machine = run.router.machine
-    item = pipeline.work_items(settings)[0]
-    capture = Capture()
-
-    say(f"reference: {ref.name}")
-    ref_router = CapturingRouter([ref], machine, strict=True, requested=ref.name, capture=capture)
-    reference_out = render_with(run, ref_router, item, warmup=True)
-    if reference_out.problem:
-        raise SdcliError(f"the reference run with {ref.name} came out bad: {reference_out.problem}")
-    layers = ref_router.layers
-
-    outcomes = [reference_out]
-    for backend in others:
-        say(f"{backend.name}")
-        router = routing.Router([backend, ref], machine, strict=False, requested=backend.name)
-        try:
-            outcome = render_with(run, router, item, warmup=True)
-        except Exception as exc:  # a backend that crashes is reported; the others still run
-            outcome = Outcome(backend.name, backend.kind, error=error_line(exc))
-            pipeline.release_memory()
-        outcomes.append(outcome)
-    routing.route(run.pipe, routing.Router([ref], machine, True, ref.name))  # leave the pipeline as it was
+    machine = hardware.Machine(run.report, run.device)
+    item = pipeline.work_items(run.settings)[0]
+    saved = routing.processors(run.pipe)
+    try:
+        outcomes, ref_router = render_all(run, item, ref, others, say)
+    finally:
+        routing.restore(run.pipe, saved)
+    reference_out = outcomes[0]
     say("kernel level: every captured layer through every backend")
     kernel_rows, out_of_memory = kernel_errors(
-        capture, [b for b, o in zip(others, outcomes[1:]) if not o.error], machine, layers)
+        ref_router.calls, [b for b, o in zip(others, outcomes[1:]) if not o.error], machine, ref_router.layers)
     for o in outcomes:
         if o.backend in out_of_memory:
             o.error = out_of_memory[o.backend]
@@ -205,12 +194,33 @@ def compare(settings: pipeline.Settings, names: list[str] | None = None, referen
     rows = [summarise(o, reference_out, kernel_rows.get(o.backend), thresholds, is_reference=o is reference_out)
             for o in outcomes]
     return {
-        "model": run.model_name, "prompt": item.prompt, "seed": item.seed, "steps": settings.steps,
-        "device": device, "gpu": machine.gpu_label, "dtype": run.dtype, "vae_dtype": run.vae_dtype,
+        "model": run.model_name, "prompt": item.prompt, "seed": item.seed, "steps": run.settings.steps,
+        "device": run.device, "gpu": machine.gpu_label, "dtype": run.dtype, "vae_dtype": run.vae_dtype,
         "reference": ref.name, "thresholds": thresholds.__dict__, "rows": rows,
         "passed": all(r["verdict"] in (PASS, REFERENCE) for r in rows),
         "_images": {o.backend: o.image for o in outcomes if o.image is not None},
     }
+
+
+def render_all(run: pipeline.Run, item: pipeline.Item, ref: Backend, others: list[Backend], say):
+    """The reference's image (capturing each layer's inputs), then each backend's with the reference serving the
+    layers it can't take. Returns the outcomes, reference first, and the reference's router."""
+    say(f"reference: {ref.name}")
+    ref_router = CapturingRouter.for_request(ref.name, run.report, run.device)
+    reference_out = render_with(run, ref_router, item, warmup=True)
+    if reference_out.problem:
+        raise SdcliError(f"the reference run with {ref.name} came out bad: {reference_out.problem}")
+    outcomes = [reference_out]
+    for backend in others:
+        say(f"{backend.name}")
+        router = routing.Router.for_request(backend.name, run.report, run.device, fallback=ref.name)
+        try:
+            outcome = render_with(run, router, item, warmup=True)
+        except Exception as exc:  # a backend that crashes is reported; the others still run
+            outcome = Outcome(backend.name, backend.kind, error=error_line(exc))
+            pipeline.release_memory()
+        outcomes.append(outcome)
+    return outcomes, ref_router
 
 
 def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool) -> dict:

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from sdcli import SdcliError, error_line, numerics
+from sdcli import SdcliError, error_line, families, numerics
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -258,14 +258,16 @@ def _checkpoint_keys(path: str) -> list[str]:
 
 
 def _from_checkpoint(path: str, torch_dtype):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import inspect
 
-    keys = _checkpoint_keys(path)
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
+    import diffusers
+
+    family = families.of_checkpoint(_checkpoint_keys(path))
+    if family is None:
         raise SdcliError(f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)")
-    sdxl = any(k.startswith("conditioner.embedders.1") for k in keys)
-    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    cls = getattr(diffusers, family.pipelines[0])
+    has_checker = "safety_checker" in inspect.signature(cls.__init__).parameters
+    extra = {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}
     try:
         return cls.from_single_file(path, dtype=torch_dtype, local_files_only=_offline(), **extra)
     except Exception as exc:

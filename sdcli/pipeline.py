@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, backends, hardware, numerics, timing
+from sdcli import SdcliError, backends, families, hardware, numerics, timing
 from sdcli.images import recipe, save_png
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
@@ -57,10 +57,10 @@ class Settings:
     compile: bool = False      # torch.compile the UNet
     channels_last: bool = False
     fuse_qkv: bool = False     # diffusers' fused q/k/v projections
-    output_dir: Path = Path("outputs")
+    output_dir: Path | None = Path("outputs")  # None: nothing is written (the Python API's compare)
 
     def __post_init__(self):
-        self.output_dir = Path(self.output_dir)
+        self.output_dir = None if self.output_dir is None else Path(self.output_dir)
 
     def validate(self) -> None:
         """Every check that needs no model: bad input fails here, before anything loads."""
@@ -87,7 +87,8 @@ class Settings:
                 backends.get(self.backend)
             except KeyError as exc:
                 raise SdcliError(exc.args[0]) from None
-        check_output_dir(self.output_dir)
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir)
 
 
 def check_output_dir(folder: Path) -> None:
@@ -232,14 +233,27 @@ def prepare(settings: Settings, report: dict | None = None, on_progress=None) ->
     apply_speed_options(pipe, settings.fuse_qkv, settings.channels_last)
     preferred = None
     if settings.backend == routing.AUTO and settings.tune:
-        run.tuning = tuning.load_or_tune(run, settings.quantized, settings.retune, on_progress)
+        run.tuning = tuning.load_or_tune(run, one_step, settings.quantized, settings.retune, on_progress)
         preferred = tuning.preferences(run.tuning)
     run.router = routing.route(pipe, routing.Router.for_request(
         settings.backend, report, device, settings.fallback, settings.quantized, preferred))
     if settings.compile:
-        compile_unet(run, settings.batch_size)
+        compile_denoiser(run, settings.batch_size)
     run.load_seconds = time.perf_counter() - t0
     return run
+
+
+def wrap(pipe, settings: Settings, report: dict | None = None, name: str | None = None) -> Run:
+    """A Run around a pipeline the caller built (the Python API): its device, dtypes and scheduler as they are,
+    nothing routed yet."""
+    if settings.seed is None:
+        settings.seed = secrets.randbelow(2**32)
+    settings.validate()
+    denoiser = getattr(pipe, families.of_pipeline(pipe).denoiser)
+    device = str(denoiser.device)
+    report = report or hardware.probe(only_gpu=denoiser.device.index)
+    return Run(settings, report, device, numerics.dtype_name(denoiser.dtype), numerics.dtype_name(pipe.vae.dtype),
+               pipe=pipe, model_name=name or type(pipe).__name__, sampler=set_scheduler(pipe, "default"))
 
 
 def apply_speed_options(pipe, fuse_qkv: bool = False, channels_last: bool = False) -> None:
@@ -265,12 +279,18 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def compile_unet(run: Run, batch: int) -> None:
-    """torch.compile the UNet after one eager step, so every attention route exists before dynamo traces
-    (the warm-up's calls are not counted)."""
-    render(run, work_items(run.settings)[:1] * batch, steps=1)
+def compile_denoiser(run: Run, batch: int) -> None:
+    """torch.compile the UNet (the family's denoiser) after one eager step, so every attention route exists
+    before dynamo traces (the warm-up's calls are not counted)."""
+    one_step(run, batch)
     run.router.reset_counts()
-    run.pipe.unet.compile()
+    getattr(run.pipe, families.of_pipeline(run.pipe).denoiser).compile()
+
+
+def one_step(run: Run, batch: int | None = None) -> None:
+    """A one-step render of the first item at `batch` (default: the run's batch size): enough to meet every
+    attention shape of the run (see tuning.collect_shapes)."""
+    render(run, work_items(run.settings)[:1] * (batch or run.settings.batch_size), steps=1)
 
 
 def set_scheduler(pipe, name: str) -> str:
@@ -359,26 +379,15 @@ def render(run: Run, batch: list[Item], on_step=None, steps: int | None = None):
 
 
 def decode(pipe, latents):
-    """diffusers' own decode path (scaling, optional latent mean/std, VAE, postprocess), in the VAE's dtype."""
-    vae = pipe.vae
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, latents.shape[1], 1, 1)
-        mean = latents.new_tensor(mean).view(shape)
-        std = latents.new_tensor(std).view(shape)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="np")
+    """Latents to images the way the pipeline's family does it (see families.py)."""
+    return families.of_pipeline(pipe).decode(pipe, latents)
 
 
 def native_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return families.of_pipeline(pipe).native_size(pipe)
 
 
 def settings_json(settings: Settings) -> dict:
     data = asdict(settings)
-    data["output_dir"] = str(settings.output_dir)
+    data["output_dir"] = None if settings.output_dir is None else str(settings.output_dir)
     return data

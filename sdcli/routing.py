@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch.compiler import is_compiling
 
-from sdcli import SdcliError, backends, error_line
+from sdcli import SdcliError, backends, error_line, families
 from sdcli.backends import Backend, Shape
 from sdcli.hardware import Machine
 from sdcli.numerics import dtype_name
@@ -47,11 +47,12 @@ class Layer:
     """One attention module, its plan and the evidence of what served it."""
 
     name: str
-    kind: str  # "self" or "cross"
+    attention: str  # "self" or "cross"
     heads: int
     head_dim: int
     dtype: str
-    backend: str | None = None                       # the plan's choice for this layer's static shape
+    planned: str | None = None                       # the plan's choice for this layer's static shape; served()
+                                                     # says what ran
     refused: dict[str, str] = field(default_factory=dict)  # backend -> why it was passed over
     calls: Counter = field(default_factory=Counter)   # backend -> calls that it served
     shapes: set = field(default_factory=set)          # every full Shape seen, batch included
@@ -69,8 +70,8 @@ class Layer:
 
     def to_json(self) -> dict:
         return {
-            "layer": self.name, "kind": self.kind, "heads": self.heads, "head_dim": self.head_dim,
-            "dtype": self.dtype, "backend": self.backend, "refused": dict(self.refused),
+            "layer": self.name, "kind": self.attention, "heads": self.heads, "head_dim": self.head_dim,
+            "dtype": self.dtype, "backend": self.planned, "refused": dict(self.refused),
             "calls": dict(self.served()), "seqs": self.seqs, "kernels": dict(self.kernels),
         }
 
@@ -85,21 +86,25 @@ class Layer:
 
 
 class Router:
-    """Chooses and counts. `chain` is the order to try per layer; `strict` means only chain[0] may serve."""
+    """Chooses and counts. `chain` is the order to try per layer; `strict` means only chain[0] may serve.
+    `preferred` (Shape.key -> backend name) puts a measured choice first; `measure(shape, machine)`, if given,
+    is asked for that choice at a shape the plan does not cover, at its first call (sdcli.tuning.fastest)."""
 
     def __init__(self, chain: list[Backend], machine: Machine, strict: bool, requested: str,
-                 preferred: dict | None = None):
+                 preferred: dict | None = None, measure=None):
         self.chain = chain
         self.machine = machine
         self.strict = strict
         self.requested = requested
-        self.preferred = preferred or {}  # Shape.key -> backend name, from a measured plan (sdcli.tuning)
+        self.preferred = preferred or {}
+        self.measure = measure
         self.layers: list[Layer] = []
 
     @classmethod
-    def for_request(cls, requested: str, report: dict, device: str, fallback: bool = False,
-                    quantized: bool = False, preferred: dict | None = None) -> "Router":
-        """`auto`, or one backend name: strict, or with `fallback` followed by auto's order."""
+    def for_request(cls, requested: str, report: dict, device: str, fallback: bool | str = False,
+                    quantized: bool = False, preferred: dict | None = None, measure=None) -> "Router":
+        """`auto`, or one backend name: strict, or with `fallback` followed by auto's order (True) or by the one
+        backend named there (e.g. compare's reference)."""
         machine = Machine(report, device)
         if requested == AUTO:
             names = auto_order(machine, quantized)
@@ -107,11 +112,16 @@ class Router:
             first = backends.get(requested)  # KeyError names the known ones
             if first.kind == backends.QUANTIZED:
                 quantized = True  # naming a quantized backend is the opt-in
-            names = [requested] + ([n for n in auto_order(machine, quantized) if n != requested] if fallback else [])
+            rest = [fallback] if isinstance(fallback, str) else auto_order(machine, quantized) if fallback else []
+            names = [requested] + [n for n in rest if n != requested]
         registered = {b.name: b for b in backends.all_backends()}
         chain = [registered[n] for n in names if n in registered]
         return cls(chain, machine, strict=requested != AUTO and not fallback, requested=requested,
-                   preferred=preferred)
+                   preferred=preferred, measure=measure)
+
+    def fresh(self) -> "Router":
+        """A router for the same request with no layers and no counts (e.g. for a warm-up)."""
+        return Router(self.chain, self.machine, self.strict, self.requested, self.preferred, self.measure)
 
     # ----- planning -------------------------------------------------------------------------------------
 
@@ -126,12 +136,12 @@ class Router:
         for backend in self.chain:
             verdict = backend.verdict(machine, shape)
             if verdict.usable:
-                layer.backend = backend.name
+                layer.planned = backend.name
                 break
             layer.refused[backend.name] = verdict.reason
             if self.strict:
                 raise self._cannot_serve(layer, backend.name, verdict.reason)
-        if layer.backend is None:
+        if layer.planned is None:
             raise RoutingError(f"no backend can serve layer {name} ({shape}): "
                                + "; ".join(f"{b}: {r}" for b, r in layer.refused.items()))
         self.layers.append(layer)
@@ -143,7 +153,7 @@ class Router:
 
     def _cannot_serve(self, layer: Layer, backend: str, reason: str) -> RoutingError:
         return RoutingError(f"backend {backend} can't serve layer {layer.name} "
-                            f"({layer.kind}-attention, {layer.heads}×{layer.head_dim} {layer.dtype}): {reason}. "
+                            f"({layer.attention}-attention, {layer.heads}×{layer.head_dim} {layer.dtype}): {reason}. "
                             "Use --backend auto, or add --fallback to let other backends take such layers")
 
     # ----- the hot path -------------------------------------------------------------------------------
@@ -168,9 +178,11 @@ class Router:
         shape = layer.shape_of(q, k, mask)
         layer.shapes.add(shape)
         machine = self._machine(q.device)
-        start = [b.name for b in self.chain].index(layer.backend)
+        start = [b.name for b in self.chain].index(layer.planned)
         candidates = self.chain[start:]
-        if shape.key in self.preferred:  # measured fastest for this shape: try it first
+        if self.measure and shape.key not in self.preferred and not is_compiling():
+            self.preferred[shape.key] = self.measure(shape, machine)
+        if self.preferred.get(shape.key):  # measured fastest for this shape: try it first
             best = backends.get(self.preferred[shape.key])
             candidates = [best] + [b for b in candidates if b is not best]
         for backend in candidates:
@@ -217,7 +229,7 @@ class Router:
     def fallbacks(self) -> list[dict]:
         """Layers not served by the first backend of the chain, and why."""
         first = self.chain[0].name
-        return [{"layer": l.name, "backend": ", ".join(l.served()) or l.backend, "instead_of": first,
+        return [{"layer": l.name, "backend": ", ".join(l.served()) or l.planned, "instead_of": first,
                  "why": l.refused.get(first, "")}
                 for l in self.layers if first in l.refused]
 
@@ -225,8 +237,8 @@ class Router:
         """Layers grouped by what decides the kernel: part, kind, heads×head_dim, dtype."""
         groups: dict[tuple, dict] = {}
         for l in self.layers:
-            key = (l.name.split(".")[0], l.kind, l.heads, l.head_dim, l.dtype)
-            g = groups.setdefault(key, {"part": key[0], "kind": l.kind, "heads": l.heads, "head_dim": l.head_dim,
+            key = (l.name.split(".")[0], l.attention, l.heads, l.head_dim, l.dtype)
+            g = groups.setdefault(key, {"part": key[0], "kind": l.attention, "heads": l.heads, "head_dim": l.head_dim,
                                         "dtype": l.dtype, "layers": 0, "calls": Counter(), "seqs": set(),
                                         "refused": {}, "kernels": {}})
             g["layers"] += 1
@@ -316,16 +328,14 @@ class RoutedAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-ROUTED_PARTS = ("unet", "vae")
-
-
 def route(pipe, router: Router) -> Router:
-    """Put a routed processor on every attention module of the pipeline's UNet and VAE."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, \
-        FusedAttnProcessor2_0
+    """Put a routed processor on every attention module of the parts its family routes (SD: UNet and VAE)."""
+    from diffusers.models import attention_processor
+    from diffusers.models.attention_processor import Attention
 
-    replaceable = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0, RoutedAttnProcessor)
-    for part in ROUTED_PARTS:
+    family = families.of_pipeline(pipe)
+    replaceable = (RoutedAttnProcessor, *(getattr(attention_processor, name) for name in family.processors))
+    for part in family.routed:
         model = getattr(pipe, part, None)
         if model is None:
             continue
@@ -343,10 +353,21 @@ def unroute(pipe) -> None:
     """Back to diffusers' stock processor (AttnProcessor2_0) everywhere sdcli routed."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    for part in ROUTED_PARTS:
+    for part in families.of_pipeline(pipe).routed:
         model = getattr(pipe, part, None)
         if model is not None:
             model.set_attn_processor(AttnProcessor2_0())
+
+
+def processors(pipe) -> dict:
+    """The attention processors of every routed part, to put back later with restore()."""
+    models = {part: getattr(pipe, part, None) for part in families.of_pipeline(pipe).routed}
+    return {part: model.attn_processors for part, model in models.items() if model is not None}
+
+
+def restore(pipe, saved: dict) -> None:
+    for part, procs in saved.items():
+        getattr(pipe, part).set_attn_processor(procs)
 
 
 def seen_shapes(router: Router) -> list[Shape]:

@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from sdcli import backends, routing, timing
+from sdcli import backends, families, routing, timing
 from sdcli.backends import Shape
 from sdcli.hardware import Machine
 
@@ -36,7 +36,7 @@ def plan_key(run, quantized: bool) -> dict:
     machine = Machine(run.report, run.device)
     pipe = run.pipe
     # diffusers' private config keys (e.g. _use_default_values, built from a set) vary between processes
-    config = json.dumps([{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in (pipe.unet, pipe.vae)],
+    config = json.dumps([{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in routed_models(pipe)],
                         sort_keys=True, default=str)
     plugins = sorted(f"{b.name}@{b.origin}" for b in backends.all_backends() if b.origin != "sdcli")
     return {
@@ -51,18 +51,21 @@ def plan_key(run, quantized: bool) -> dict:
     }
 
 
+def routed_models(pipe) -> list:
+    family = families.of_pipeline(pipe)
+    return [getattr(pipe, part) for part in family.routed if getattr(pipe, part, None) is not None]
+
+
 def plan_path(key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir() / f"{digest}.json"
 
 
-def collect_shapes(run) -> list[Shape]:
-    """The model's real attention shapes: a one-step render at the run's size and batch, recorded."""
-    from sdcli import pipeline
-
+def collect_shapes(run, one_step) -> list[Shape]:
+    """The model's real attention shapes: `one_step(run)` (pipeline.one_step: a one-step render at the run's
+    size and batch), recorded. The render is passed in so that tuning does not depend on the pipeline module."""
     router = routing.route(run.pipe, routing.Router.for_request("auto", run.report, run.device))
-    item = pipeline.work_items(run.settings)[0]
-    pipeline.render(run, [item] * run.settings.batch_size, steps=1)
+    one_step(run)
     return routing.seen_shapes(router)
 
 
@@ -82,7 +85,7 @@ def measure_shapes(shapes: list[Shape], machine: Machine, quantized: bool, on_pr
     return entries
 
 
-def load_or_tune(run, quantized: bool = False, retune: bool = False, on_progress=None) -> dict:
+def load_or_tune(run, one_step, quantized: bool = False, retune: bool = False, on_progress=None) -> dict:
     """The cached plan for this run's key, or a new one measured now. Returns the plan with `path` and
     `cached` (whether it came from the cache)."""
     key = plan_key(run, quantized)
@@ -96,7 +99,7 @@ def load_or_tune(run, quantized: bool = False, retune: bool = False, on_progress
             pass  # a damaged cache file is measured again
     machine = Machine(run.report, run.device)
     plan = {"key": key, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "shapes": measure_shapes(collect_shapes(run), machine, quantized, on_progress)}
+            "shapes": measure_shapes(collect_shapes(run, one_step), machine, quantized, on_progress)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -142,3 +145,15 @@ def summary(plan: dict) -> list[dict]:
             "refused": [r["backend"] for r in e["measurements"] if not r["ok"]],
         })
     return rows
+
+
+_FASTEST: dict[tuple, str | None] = {}  # (device, Shape.key, batch, quantized) -> choice, for this process
+
+
+def fastest(shape: Shape, machine: Machine, quantized: bool = False) -> str | None:
+    """The fastest backend within its accuracy bound at `shape`, measured now and remembered for this process:
+    how `sdcli.route(pipe, "auto")` chooses at a shape it meets for the first time (no prompt to plan from)."""
+    key = (machine.device, shape.key, shape.batch, quantized)
+    if key not in _FASTEST:
+        _FASTEST[key] = measure_shapes([shape], machine, quantized)[0]["choice"]
+    return _FASTEST[key]
