@@ -167,6 +167,9 @@ def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3,
           options: tuple[str, ...] = (), find_max: bool = True, max_batch: int = 256, micro: bool = True,
           on_progress=None, report: dict | None = None) -> dict:
     """Load the settings' model and bench it (see bench_run): what `sdcli bench` runs."""
+    for name in names or []:
+        settings.backend = name
+        settings.validate()  # unknown names fail here, before loading anything
     settings.backend, settings.tune = "sdpa", False  # loaded plainly; each config routes for itself
     run = pipeline.prepare(settings, report)
     return bench_run(run, batch_sizes, repeats, names, options, find_max, max_batch, micro, on_progress)

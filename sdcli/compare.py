@@ -25,6 +25,10 @@ from sdcli.backends import EXACT, Backend
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
 
 
+class CompareFailed(SdcliError):
+    exit_code = 1
+
+
 @dataclass
 class Thresholds:
     exact_tol: float = numerics.EXACT_TOL          # × the rounding error of plain attention in the run's dtype
@@ -221,6 +225,13 @@ def render_all(run: pipeline.Run, item: pipeline.Item, ref: Backend, others: lis
             pipeline.release_memory()
         outcomes.append(outcome)
     return outcomes, ref_router
+
+
+def check(result: dict) -> None:
+    """CompareFailed if any backend broke its bound or failed."""
+    broken = [r["backend"] for r in result["rows"] if r["verdict"] in (FAIL, FAILED)]
+    if broken:
+        raise CompareFailed(f"{len(broken)} backend(s) broke their bound or failed: {', '.join(broken)}")
 
 
 def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool) -> dict:

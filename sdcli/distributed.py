@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,3 +255,108 @@ def finish(ranks: Ranks) -> None:
     if collectives(ranks) and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ----- one rank's run, start to end ------------------------------------------------------------------------
+
+
+def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = False) -> int:
+    """This process's share of the work (under a launcher, or with --resume), recorded line by line; then
+    every rank waits for the others, and rank 0 writes the manifest and reports. Other ranks print only errors.
+    A rank that fails says so at once, then waits too, so the others finish their shares. Returns the exit
+    status. `view` shows it all (sdcli.views.GenerateView): prepare(settings, quiet, report) -> Run,
+    generate(run, items, quiet, skip, on_saved, rank), report(summary, quiet), interrupted(text), error(text)
+    and warning(text)."""
+    from sdcli import hardware, pipeline
+    from sdcli.images import attention_summary
+
+    folder = settings.output_dir
+    items = pipeline.work_items(settings)
+    mine = share(items, settings.batch_size, ranks)
+    several = ranks.world_size > 1
+    speaks = ranks.main and not quiet
+    run, done, error, code = None, {}, None, 0
+    try:
+        with open_part(folder, ranks.rank, resume) as part:
+            if resume:
+                done = finished(mine, settings)
+            if len(done) < len(mine):  # else this rank has nothing left to make: no model to load
+                settings.device = device_for(ranks, settings.device)
+                gpu = int(settings.device[5:]) if (settings.device or "").startswith("cuda:") else None
+                run = view.prepare(settings, not speaks, hardware.probe(only_gpu=gpu) if several else None)
+                view.generate(run, mine, quiet=not speaks, skip=set(done),
+                              on_saved=lambda result: record(part, result, ranks.rank, attention_summary(run.router)),
+                              rank=ranks.rank if several else None)
+    except pipeline.Interrupted as exc:  # view.generate said so
+        error, code = "interrupted", exc.exit_code
+    except KeyboardInterrupt:
+        error, code = "interrupted", 130
+        view.interrupted(f"{'rank %d: ' % ranks.rank if several else ''}interrupted")
+    except Exception as exc:
+        if os.environ.get("SDCLI_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        error = str(exc) if isinstance(exc, SdcliError) else f"{type(exc).__name__}: {exc}"
+        if several and not error.startswith(f"rank {ranks.rank}: "):
+            error = f"rank {ranks.rank}: {error}"
+        code = getattr(exc, "exit_code", 1)
+        view.error(error)
+    outcome = {"rank": ranks.rank, "local_rank": ranks.local_rank, "host": host(),
+               "device": run.device if run else None, "error": error, "exit_code": code,
+               "images": [r.to_json() for r in run.images] if run else [], "skipped": sorted(done),
+               "seconds": round(run.seconds, 3) if run else 0.0,
+               "load_seconds": round(run.load_seconds, 3) if run else 0.0,
+               "peak_gpu_memory_gb": run.peak_memory_gb if run else None,
+               "served": dict(run.router.served()) if run and run.router else {}}
+    outcomes = gather(outcome, ranks)
+    try:
+        if ranks.main:
+            manifest = write_manifest(folder, merge(items, folder, ranks.world_size, resume))
+            if outcomes is None and several:
+                view.warning("the ranks can't wait for each other here (no MASTER_ADDR/MASTER_PORT "
+                          "from a launcher, or no torch.distributed), so the manifest lists only what was finished "
+                          "by now; run the same command with --resume to complete it")
+            report_share(run, settings, outcomes or [outcome], manifest, view, quiet or code != 0)
+    except SdcliError as exc:  # said here, not after finish(): by then the launcher may be stopping this process
+        view.error(str(exc))
+        code = code or exc.exit_code
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        finish(ranks)
+    return code
+
+
+def report_share(run, settings, outcomes: list[dict], manifest: Path, view, quiet: bool) -> None:
+    """Rank 0's report: every rank's images in one summary, the manifest, and which ranks failed. Rank 0's
+    exit status stays its own, so that the launcher names the rank that failed as the root cause."""
+    from sdcli import pipeline
+
+    images = sorted((image for o in outcomes for image in o["images"]), key=lambda image: image["item"])
+    seconds = max(o["seconds"] for o in outcomes)  # ranks run side by side
+    summary = run.summary() if run else {"settings": pipeline.settings_json(settings), "attention": None,
+                                         "output_dir": str(settings.output_dir), "model": None, "dtype": None}
+    peaks = [o["peak_gpu_memory_gb"] for o in outcomes if o["peak_gpu_memory_gb"] is not None]
+    summary.update({
+        "images": images, "problems": [image for image in images if image["problem"]],
+        "skipped": sorted(i for o in outcomes for i in o["skipped"]),
+        "device": ", ".join(dict.fromkeys(o["device"] for o in outcomes if o["device"])) or None,
+        "seconds": round(seconds, 3),
+        "seconds_per_image": round(sum(o["seconds"] for o in outcomes) / len(images), 4) if images else None,
+        "images_per_second": round(len(images) / seconds, 4) if images and seconds else None,
+        "peak_gpu_memory_gb": max(peaks) if peaks else None,
+        "manifest": str(manifest), "world_size": len(outcomes),
+        "ranks": [{k: v for k, v in o.items() if k != "images"} | {"images": len(o["images"])} for o in outcomes],
+    })
+    failed = [o for o in outcomes if o["error"] and o["rank"] != 0]
+    try:
+        view.report(summary, quiet)
+    except pipeline.BadImages:
+        if not failed:
+            raise
+    if failed:  # each failed rank said what and where, and exits non-zero; this is the sum of it
+        n = len(images) + len(summary["skipped"])
+        view.error(f"{len(failed)} of {len(outcomes)} ranks failed "
+                   f"({'; '.join(o['error'] for o in failed)}); {n} finished image{'s' if n != 1 else ''} listed in "
+                   f"{manifest}; run the same command with --resume to make the rest")

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, backends, families, hardware, numerics, timing
+from sdcli import SdcliError, backends, families, first_line, hardware, numerics, timing
 from sdcli.images import recipe, save_png
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
@@ -188,6 +188,41 @@ class Run:
             "tuning": self.tuning,
             "problems": [r.to_json() for r in self.images if r.problem],
         }
+
+
+class RunFailed(SdcliError):
+    exit_code = 1
+
+
+class Interrupted(SdcliError):
+    """Ctrl-C during a run; what it kept has been said already."""
+
+    exit_code = 130
+
+
+class BadImages(SdcliError):
+    exit_code = 3
+
+    def __init__(self, problems):
+        super().__init__(f"{len(problems)} image(s) came out NaN or black (kept, see above): {problems[0]['problem']}")
+
+
+def kept(run: Run) -> str:
+    n = len(run.images)
+    return f"{n} finished image{'s' if n != 1 else ''} kept in {run.settings.output_dir}" if n else "no image was finished"
+
+
+def run_failed(run: Run, todo: list[Item], exc: Exception, rank: int | None = None) -> RunFailed:
+    """A run's failure as one line that says where it broke (the first unfinished item: the batch that broke)
+    and what was kept. In one rank's share, "image k" means little: it names the item."""
+    saved = {r.item.index for r in run.images}
+    failed = next((item for item in todo if item.index not in saved), None)
+    if failed and rank is None:
+        where = f" in image {len(saved) + 1} (item {failed.index}, seed {failed.seed})"
+    else:
+        where = f" in item {failed.index} (seed {failed.seed})" if failed else ""
+    who = "" if rank is None else f"rank {rank}: "
+    return RunFailed(f"{who}{type(exc).__name__}{where}: {first_line(exc)}; {kept(run)}")
 
 
 def choose_device(report: dict, device: str | None) -> str:

@@ -1,0 +1,378 @@
+"""Everything sdcli draws: rich tables, progress bars, spinners and one-line summaries.
+
+The modules underneath return data (or call back while they work); the commands in cli.py hand it
+here. Only rich loads at import, so `sdcli --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from sdcli import SdcliError
+
+# Piped output (a file, a log) gets 120 columns instead of rich's 80, so tables stay readable.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, highlight=False)
+
+
+def emit_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def error(text: str) -> None:
+    err.print(f"[red]error:[/] {text}", soft_wrap=True)
+
+
+def warning(text: str) -> None:
+    err.print(f"[yellow]warning:[/] {text}", soft_wrap=True)
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+# ----- doctor -----------------------------------------------------------------------------------------
+
+
+def serves_text(serves: dict | None) -> str:
+    if not serves:
+        return ""
+    partial = {f: v for f, v in serves.items() if v["ok"] < v["of"]}
+    if not partial:
+        return "serves every SD 1.x/2.x/XL and VAE layer"
+    return "\n".join(f"{f}: {v['ok']}/{v['of']} layer shapes ({'; '.join(v['refused'])})" for f, v in partial.items())
+
+
+STATUS_STYLE = {"usable": "green", "unsupported shape": "yellow", "not installed": "dim",
+                "unsupported on this GPU": "yellow", "wrong version": "red", "broken install": "red"}
+
+
+def print_doctor(result: dict) -> None:
+    """`sdcli doctor`: the machine, its packages, every backend's verdict, the probe and the cached plans."""
+    report, verdicts, probe = result["report"], result["verdicts"], result["probe"]
+    s, t = report.get("system", {}), report.get("torch", {})
+    machine = Table(title="Machine", show_header=False, title_justify="left")
+    machine.add_column(style="bold")
+    machine.add_column()
+    machine.add_row("OS / Python", f"{s.get('os')} / Python {s.get('python')}")
+    machine.add_row("CPU / RAM", f"{s.get('cpu')} ({s.get('cpu_count')} threads) / {s.get('ram_gb')} GiB")
+    nvml = report.get("nvml", {})
+    for g in report.get("gpus", []):
+        machine.add_row(f"GPU {g['index']}", f"{g['name']}, SM{str(g.get('compute_capability') or '?').replace('.', '')}, "
+                        f"{g.get('memory_total_gb')} GiB ({g.get('memory_free_gb')} free), {g.get('multiprocessors')} SMs")
+    if not report.get("gpus"):
+        machine.add_row("GPU", "none found" + (f" (NVML: {nvml['error']})" if nvml.get("error") else ""))
+    machine.add_row("Driver / CUDA", f"{nvml.get('driver') or '-'} / driver CUDA {nvml.get('cuda_driver') or '-'}")
+    machine.add_row("torch", f"{t.get('version')}, CUDA {t.get('cuda') or '-'}, cuDNN {t.get('cudnn') or '-'}, "
+                    f"{'GPU usable' if t.get('cuda_available') else 'no GPU usable'}")
+    if report.get("gpus") and not t.get("cuda_available"):
+        machine.add_row("[red]note[/]", "NVML sees a GPU but torch can't use it: install a CUDA build of torch "
+                        "(pytorch.org), or update the driver" + (f" ({t['error']})" if t.get("error") else ""))
+    dt = report.get("dtypes", {})
+    if dt:
+        machine.add_row(f"dtypes ({dt.get('device')})", ", ".join(
+            f"{k} {'yes' if dt[k].get('supported') else 'no'}" for k in ("fp16", "bf16", "tf32", "fp8_e4m3") if k in dt))
+    out.print(machine)
+
+    pk = Table(title="Packages", title_justify="left")
+    for col in ("package", "version", "state"):
+        pk.add_column(col)
+    for name, p in report.get("packages", {}).items():
+        if p.get("import_ok"):
+            state = "[green]ok[/]"
+            if p.get("ops_ok") is False:
+                state = f"[red]compiled ops don't load[/] (built for torch {p.get('built_for_torch') or '?'})"
+        elif p.get("version") or p.get("import_ok") is False:
+            state = f"[red]import fails[/]: {p.get('error')}"
+        else:
+            state = "[dim]not installed[/]"
+        pk.add_row(name, p.get("version") or "-", state)
+    out.print(pk)
+
+    bt = Table(title=f"Attention backends on {verdicts['gpu']} ({verdicts['dtype']})", title_justify="left",
+               show_lines=True)
+    for col in ("backend", "kind", "verdict", "why / which SD layers it serves", "fix"):
+        bt.add_column(col, overflow="fold")
+    for r in verdicts["backends"]:
+        name = r["backend"] + (f"\n[dim]{r['origin']}[/]" if r["origin"] != "sdcli" else "")
+        style = STATUS_STYLE.get(r["status"], "")
+        bt.add_row(name, r["kind"], f"[{style}]{r['status']}[/]", r["reason"] or serves_text(r["serves"]), r["fix"])
+    out.print(bt)
+
+    if probe:
+        from sdcli.doctor import CPU_PROBE_SEQ
+
+        capped = "" if verdicts["device"].startswith("cuda") else f", sequences capped at {CPU_PROBE_SEQ} on the CPU"
+        pt = Table(title=f"Probe: each backend at SD shapes, error against fp32 math{capped}", title_justify="left")
+        for col in ("backend", "shape", "rel. error", "ms", "TFLOP/s"):
+            pt.add_column(col, justify="right" if col in ("rel. error", "ms", "TFLOP/s") else "left")
+        for r in probe:
+            if r["ok"]:
+                pt.add_row(r["backend"], r["shape"], f"{r['rel_error']:.1e}", f"{r['ms']:.2f}", f"{r['tflops']:.2f}")
+            else:
+                pt.add_row(r["backend"], r["shape"], f"[red]{r.get('error') or 'non-finite output'}[/]", "", "")
+        out.print(pt)
+    for plan in result["plans"]:
+        out.print(plan_table(plan))
+        out.print(f"  {plan['path']}", style="dim", soft_wrap=True)
+
+
+def probe_progress(enabled: bool):
+    """A transient bar for `sdcli doctor --probe`: (the bar, to use as a context, and on_progress(text, total))."""
+    from rich.progress import Progress
+
+    bar = Progress(console=err, disable=not enabled, transient=True)
+    task = bar.add_task("probing backends", total=None)
+    return bar, lambda text, total: bar.update(task, description=text, total=total, advance=1)
+
+
+def plan_table(plan: dict) -> Table:
+    """A measured plan of `auto` (sdcli.tuning): per shape the choice, the runner-up and plain sdpa."""
+    from sdcli.tuning import summary
+
+    k = plan["key"]
+    t = Table(title=f"Measured plan: {k['model']} {k['width']}x{k['height']}, batch {k['batch_size']}, {k['dtype']} on "
+                    f"{k['machine']}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("shape", "batch", "choice", "ms", "runner-up", "ms ", "sdpa ms", "failed the accuracy bound"):
+        t.add_column(col, justify="right" if "ms" in col or col == "batch" else "left")
+    for r in summary(plan):
+        t.add_row(r["shape"], str(r["batch"]), r["choice"] or "-", _fmt(r["ms"], ".3f"), r["runner_up"] or "-",
+                  _fmt(r["runner_up_ms"], ".3f"), _fmt(r["sdpa_ms"], ".3f"), ", ".join(r["refused"]))
+    return t
+
+
+# ----- generate -------------------------------------------------------------------------------------------
+
+
+def prepare(settings, quiet: bool, report: dict | None = None):
+    """pipeline.prepare with a spinner that says what is slow: loading, measuring auto's plan, compiling."""
+    from sdcli import pipeline
+
+    if quiet or not err.is_terminal:
+        return pipeline.prepare(settings, report)
+    with err.status("loading the model", spinner="dots") as status:
+        return pipeline.prepare(settings, report,
+                                on_progress=lambda text: status.update(f"measuring auto's plan: {text}"))
+
+
+def generate(run, items, quiet: bool, skip=frozenset(), on_saved=None, rank: int | None = None) -> None:
+    """Generate with a progress bar; Ctrl-C or an error keeps what finished and says where it is.
+    `skip`: items already on disk (--resume); on_saved(result) runs after each image is written; `rank`
+    names this process in messages when there are several."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sdcli import pipeline
+
+    todo = [item for item in items if item.index not in skip]
+    who = "" if rank is None else f"rank {rank}: "
+    steps_per_batch = run.settings.steps
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, disable=quiet) as bar:
+        images = bar.add_task("images", total=len(todo))
+        steps = bar.add_task("steps", total=steps_per_batch)
+
+        def on_step(_step, _latents):
+            if bar.tasks[steps].completed >= steps_per_batch:
+                bar.reset(steps)
+            bar.advance(steps)
+
+        def on_image(result):
+            bar.advance(images)
+            if on_saved:
+                on_saved(result)
+            if result.problem:
+                err.print(f"[yellow]warning:[/] {result.path.name}: {result.problem}", soft_wrap=True)
+
+        try:
+            pipeline.generate(run, items, on_step=on_step, on_image=on_image, skip=skip)
+        except KeyboardInterrupt:
+            bar.stop()
+            err.print(f"{who}interrupted: {pipeline.kept(run)}", soft_wrap=True)
+            raise pipeline.Interrupted() from None
+        except SdcliError:
+            raise
+        except Exception as exc:
+            if os.environ.get("SDCLI_DEBUG"):
+                raise
+            bar.stop()
+            raise pipeline.run_failed(run, todo, exc, rank) from None
+
+
+def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
+    """A generate run's summary (one process's, or every rank's) as text or JSON; exit status 3 for bad images."""
+    from sdcli import pipeline
+
+    if json_out:
+        emit_json(summary)
+    elif not quiet:
+        n, ranks, skipped = len(summary["images"]), summary.get("world_size", 1), len(summary.get("skipped", []))
+        peak = summary["peak_gpu_memory_gb"]
+        what = ", ".join(str(x) for x in (summary["model"], summary["device"], summary["dtype"]) if x)
+        out.print(f"Wrote {n} image{'s' if n != 1 else ''} to {summary['output_dir']}"
+                  + (f" with {ranks} processes" if ranks > 1 else "") + (f" ({what})" if what else "")
+                  + (f": {summary['seconds_per_image']} s/image, {summary['images_per_second']} images/s"
+                     + (" in all" if ranks > 1 else "") if n else "")
+                  + (f", peak GPU memory {peak} GiB" if peak is not None else "")
+                  + (f"; {skipped} were already there (--resume)" if skipped else ""),
+                  soft_wrap=True)
+        if summary.get("manifest"):
+            out.print(f"Manifest: {summary['manifest']}", soft_wrap=True)
+        if verbose and ranks > 1:
+            for r in summary["ranks"]:
+                out.print(f"  rank {r['rank']} ({r['host']}, {r['device'] or 'no model loaded'}): {r['images']} "
+                          f"image{'s' if r['images'] != 1 else ''} in {r['seconds']:.1f} s"
+                          + (f", {len(r['skipped'])} already there" if r["skipped"] else "")
+                          + (f"; {r['error']}" if r["error"] else ""), soft_wrap=True)
+        if summary["attention"]:  # None when rank 0 had nothing left to make
+            print_attention(summary["attention"], verbose, "rank 0" if ranks > 1 else "")
+        if summary.get("tuning"):
+            plan = summary["tuning"]
+            out.print(f"Auto's plan: {'cached' if plan['cached'] else 'measured now'}, {plan['path']} (--retune to "
+                      "measure again)", soft_wrap=True)
+            if verbose:
+                out.print(plan_table(plan))
+    if summary["problems"]:
+        raise pipeline.BadImages(summary["problems"])
+
+
+def print_attention(att: dict, verbose: bool, who: str = "") -> None:
+    served = ", ".join(f"{b} {n} calls" for b, n in att["served"].items())
+    out.print(f"Attention ({att['requested']}{', ' + who if who else ''}): {served}", soft_wrap=True)
+    for f in att["fallbacks"]:
+        out.print(f"  fallback: {f['layer']} → {f['backend']} ({f['instead_of']}: {f['why']})", soft_wrap=True)
+    if not verbose:
+        return
+    t = Table(title="Attention plan: which kernel served which layers (\\[kernel]: what torch's SDPA picked)",
+              title_justify="left")
+    for col in ("part", "kind", "heads×dim", "dtype", "layers", "sequences (q, kv)", "served (calls)", "passed over"):
+        t.add_column(col, overflow="fold")
+    for g in att["groups"]:
+        calls = ", ".join(f"{b}: {n}" + (f" \\[{g['kernels'][b].replace('_attention', '')}]" if b in g["kernels"] else "")
+                          for b, n in g["calls"].items())
+        t.add_row(g["part"], g["kind"], f"{g['heads']}×{g['head_dim']}", g["dtype"], str(g["layers"]),
+                  " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), calls,
+                  "; ".join(f"{b}: {r}" for b, r in g["refused"].items()))
+    out.print(t)
+
+
+class GenerateView:
+    """How `sdcli generate` shows one process's run, or its share of a multi-rank run (distributed.py calls
+    back): a spinner while loading, bars while generating, then the summary or JSON."""
+
+    def __init__(self, json_out: bool, quiet: bool, verbose: bool):
+        self.json_out, self.quiet, self.verbose = json_out, quiet, verbose
+
+    def prepare(self, settings, quiet: bool | None = None, report: dict | None = None):
+        return prepare(settings, self.quiet if quiet is None else quiet, report)
+
+    def generate(self, run, items, quiet: bool | None = None, skip=frozenset(), on_saved=None, rank=None) -> None:
+        quiet = self.quiet if quiet is None else quiet
+        generate(run, items, quiet or not err.is_terminal, skip, on_saved, rank)
+
+    def report(self, summary: dict, quiet: bool | None = None) -> None:
+        report(summary, self.json_out, self.quiet if quiet is None else quiet, self.verbose)
+
+    def interrupted(self, text: str) -> None:
+        err.print(text, soft_wrap=True)
+
+    error = staticmethod(error)
+    warning = staticmethod(warning)
+
+
+# ----- compare ------------------------------------------------------------------------------------------
+
+
+def status(text: str, quiet: bool):
+    """A spinner on a terminal (else nothing): (context, on_progress(text))."""
+    from contextlib import nullcontext
+
+    if quiet or not err.is_terminal:
+        return nullcontext(), None
+    spinner = err.status(text, spinner="dots")
+    return spinner, lambda update: spinner.update(f"{text}: {update}")
+
+
+def print_compare(result: dict) -> None:
+    t = Table(title=f"{result['model']}, seed {result['seed']}, {result['steps']} steps, {result['dtype']} on "
+                    f"{result['gpu']}, against {result['reference']}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("backend", "verdict", "kernel err", "×round", "step err", "PSNR", "SSIM", "max|Δ|", "s", "GiB"):
+        t.add_column(col, justify="left" if col in ("backend", "verdict") else "right")
+    for r in result["rows"]:
+        k = r.get("kernel") or {}
+        style = {"pass": "green", "reference": "bold"}.get(r["verdict"], "red")
+        kind = "" if r["verdict"] == "reference" else f" [dim]{r['kind'][:5]}[/]"
+        psnr = "∞" if r.get("identical") else _fmt(r.get("psnr_db"), ".1f")
+        t.add_row(r["backend"], f"[{style}]{r['verdict']}[/]{kind}", _fmt(k.get("max_rel_error"), ".1e"),
+                  _fmt(k.get("max_ratio"), ".2f"), _fmt(r.get("step_rel_error"), ".1e"), psnr,
+                  _fmt(r.get("ssim"), ".4f"), _fmt(r.get("max_abs_diff"), ".0f"), _fmt(r.get("seconds"), ".2f"),
+                  _fmt(r.get("peak_memory_gb"), ".2f"))
+    out.print(t)
+    for r in result["rows"]:
+        if r["verdict"] not in ("pass", "reference"):
+            out.print(f"[red]{r['backend']} {r['verdict']}[/]: {r['why']}", soft_wrap=True)
+        elif r.get("fallback_layers"):
+            out.print(f"{r['backend']}: {r['fallback_layers']} of {r['layers']} layers served by "
+                      f"{result['reference']} (the backend can't take them)", soft_wrap=True)
+    t0 = result["thresholds"]
+    out.print(f"kernel err: worst layer's relative error against fp32 math; ×round: that, over the error of plain "
+              f"attention in {result['dtype']} (exact kernels pass at ≤ {t0['exact_tol']:g}×; quantized ones at a "
+              f"relative error ≤ {t0['quantized_tol']:g}). step err: latent after step 1. max|Δ| in 0-255.",
+              soft_wrap=True, style="dim")
+    out.print(f"grid: {result['grid']}\nreport: {result['json']}", soft_wrap=True)
+
+
+# ----- bench --------------------------------------------------------------------------------------------
+
+
+def bench_progress(quiet: bool):
+    """A bar for `sdcli bench`: (the bar, to use as a context, and on_progress(text, advance))."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, disable=quiet or not err.is_terminal, transient=True)
+    task = bar.add_task("loading the model", total=None)
+    return bar, lambda text, advance=0: bar.update(task, description=text, advance=advance)
+
+
+def print_bench(r: dict) -> None:
+    from sdcli.backends import Shape
+
+    t = Table(title=f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, CFG {r['guidance']:g}, {r['dtype']} on "
+                    f"{r['gpu']}: images/s (whole pipeline, median of {r['repeats']})", title_justify="left",
+              box=box.SIMPLE_HEAD)
+    t.add_column("configuration")
+    for b in r["batch_sizes"]:
+        t.add_column(f"b={b}", justify="right")
+    for col in ("best", "× diffusers", "s/img b=1", "max batch", "peak GiB"):
+        t.add_column(col, justify="right")
+    for c in r["configs"]:
+        by_batch = {p["batch"]: p for p in c["points"]}
+        cells = []
+        for b in r["batch_sizes"]:
+            p = by_batch.get(b)
+            cells.append("-" if p is None else "OOM" if p["oom"] else f"{p['images_per_s']:.3f}")
+        best = c["best"]
+        peak = by_batch.get(best["batch"], {}).get("peak_gb") if best else None
+        t.add_row(c["name"], *cells, f"{best['images_per_s']:.3f} @{best['batch']}" if best else "-",
+                  _fmt(c.get("speedup_vs_diffusers"), ".2f"), _fmt(c.get("s_per_image_batch1"), ".3f"),
+                  str(c["largest_batch"]) if c.get("largest_batch") is not None else "-", _fmt(peak, ".2f"))
+    out.print(t)
+    if r.get("attention"):
+        a = Table(title="Attention kernels alone at the model's shapes (batch = 1 image with CFG): ms, TFLOP/s",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("shape", "batch", "fastest first (✗ = outside its accuracy bound)"):
+            a.add_column(col, overflow="fold")
+        for e in r["attention"]:
+            rows = sorted(e["measurements"], key=lambda m: m.get("ms", float("inf")))
+            cells = [f"{m['backend']} {m['ms']:.3f} ({m['tflops']:.2f})" + ("" if m["ok"] else " ✗")
+                     if "ms" in m else f"{m['backend']} failed" for m in rows]
+            shape = e["shape"]
+            a.add_row(str(Shape(**shape)), str(shape.get("batch")), ", ".join(cells))
+        out.print(a)
+    out.print(f"plot: {r['plot']}\njson: {r['json']}", soft_wrap=True)
