@@ -1,6 +1,7 @@
 """sdcli: Stable Diffusion with the fastest attention kernel that is correct on this GPU.
 
-Importing the package is cheap on purpose: torch and diffusers load only in the modules that need them.
+The public API (see api.py and the README): `route`, `unroute`, `doctor`, `compare` and `Plan`. Importing
+the package is cheap on purpose: they load on first use, and torch and diffusers only inside them.
 """
 
 __version__ = "0.1.0"
@@ -20,3 +21,32 @@ class SdcliError(Exception):
     """Bad input or an impossible request: the CLI prints the message as one line and exits non-zero."""
 
     exit_code = 2
+
+
+API = ("route", "unroute", "doctor", "compare", "Plan")
+MODULE_AND_FUNCTION = ("doctor", "compare")  # modules whose package attribute is callable as the API function
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in MODULE_AND_FUNCTION:
+        return importlib.import_module(f"sdcli.{name}")  # the module, which answers calls (callable_module)
+    if name in API:
+        return getattr(importlib.import_module("sdcli.api"), name)
+    raise AttributeError(f"module 'sdcli' has no attribute {name!r}")
+
+
+def callable_module(module_name: str, function_name: str) -> None:
+    """`sdcli.doctor` and `sdcli.compare` are module names and API functions at once: the package attribute is
+    the module (Python binds it so on import), and the module answers calls as the API function does."""
+    import sys
+    import types
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            from sdcli import api
+
+            return getattr(api, function_name)(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = CallableModule

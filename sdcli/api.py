@@ -1,12 +1,99 @@
-"""sdcli's Python API: what the `sdcli` commands do, for a script or service that has its own pipeline.
+"""sdcli's Python API, for a script, notebook or service that already has a diffusers pipeline.
 
     import sdcli
-    report = sdcli.doctor()                 # the machine and every backend's verdict, as a dict
+    plan = sdcli.route(pipe, backend="auto")   # attention routed per layer, every call counted
+    image = pipe("a lighthouse").images[0]
+    print(plan.served())                       # what actually ran, per backend and per layer
+    sdcli.unroute(pipe)                        # back to diffusers' own processors
+
+    sdcli.doctor()                             # what this machine can run, as `sdcli doctor --json`
+    sdcli.compare(pipe, prompt="a lighthouse", seed=42)   # every backend against the most exact one
+
+The `sdcli` commands are thin callers of these functions and of the modules behind them.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+
+from sdcli import SdcliError
+
+AUTO = "auto"
+
+
+class Plan:
+    """What `route` put on a pipeline: the router, its layers, and the evidence of what served them."""
+
+    def __init__(self, pipe, router):
+        self.pipe = pipe
+        self.router = router
+
+    @property
+    def layers(self) -> list:
+        """One routing.Layer per attention module: its shape, planned backend, and calls per backend."""
+        return self.router.layers
+
+    def served(self) -> dict:
+        """Attention calls so far: {"backends": {backend: calls}, "layers": {layer: {backend: calls}}}."""
+        return {"backends": dict(self.router.served()),
+                "layers": {layer.name: dict(layer.served()) for layer in self.router.layers}}
+
+    def reset(self) -> None:
+        """Forget the calls so far (e.g. a warm-up's); the routes stay."""
+        self.router.reset_counts()
+
+    def to_json(self) -> dict:
+        """Everything, as the `attention` part of `sdcli generate --json`."""
+        return self.router.to_json()
+
+    def __repr__(self) -> str:
+        served = ", ".join(f"{b} {n} calls" for b, n in self.router.served().items()) or "no calls yet"
+        return f"<sdcli.Plan {self.router.requested}: {len(self.layers)} layers; {served}>"
+
+
+def device_of(pipe) -> str:
+    """Where the pipeline's denoiser is: 'cpu' or 'cuda:N'."""
+    from sdcli import families
+
+    return str(getattr(pipe, families.of_pipeline(pipe).denoiser).device)
+
+
+@lru_cache(maxsize=None)
+def machine_report(device: str) -> dict:
+    """The hardware report, probed once per process and device (only that GPU is touched)."""
+    from sdcli import hardware
+
+    index = int(device.split(":")[1]) if device.startswith("cuda:") else None
+    return hardware.probe(only_gpu=index)
+
+
+def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = False, device: str | None = None,
+          tune: bool = True) -> Plan:
+    """Route every attention layer of `pipe` (SD 1.x/2.x, SDXL) to `backend` and count each call.
+
+    `backend`: "auto", or a backend name from `sdcli doctor`; a named backend must serve every layer unless
+    `fallback` lets auto's order take the others. `quantized` lets auto use quantized kernels. With "auto",
+    the first call at each new attention shape times every eligible backend at that shape (as `sdcli generate`
+    does for its plan) and keeps the fastest within its accuracy bound, remembered for the process; `tune=False`
+    takes the documented order instead. `device`: where to judge backends for (default: the pipeline's)."""
+    from sdcli import routing, tuning
+
+    device = device or device_of(pipe)
+    measure = (lambda shape, machine: tuning.fastest(shape, machine, quantized)) if backend == AUTO and tune else None
+    try:
+        router = routing.Router.for_request(backend, machine_report(device), device, fallback, quantized,
+                                            measure=measure)
+    except KeyError as exc:
+        raise SdcliError(exc.args[0]) from None
+    return Plan(pipe, routing.route(pipe, router))
+
+
+def unroute(pipe) -> None:
+    """Put diffusers' own attention processor back everywhere sdcli routes."""
+    from sdcli import routing
+
+    routing.unroute(pipe)
 
 
 def doctor(device: str | None = None, dtype: str | None = None, probe: bool = False, report: str | Path | None = None,
@@ -16,3 +103,30 @@ def doctor(device: str | None = None, dtype: str | None = None, probe: bool = Fa
     from sdcli import doctor as diagnosis
 
     return diagnosis.diagnose(Path(report) if report else None, probe, device, dtype, on_progress)
+
+
+def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 42, steps: int = 30,
+            guidance: float = 7.5, negative_prompt: str | None = None, width: int | None = None,
+            height: int | None = None, backends: list[str] | None = None, reference: str = "sdpa-math",
+            exact_tol: float | None = None, quantized_tol: float | None = None, output_dir: str | Path | None = None,
+            on_progress=None) -> dict:
+    """`sdcli compare` on `pipe`: the same prompt and seed through the reference and each backend (default:
+    every one usable here); a row per backend with its verdict and evidence. With `output_dir`, also the grid
+    PNG and the JSON report there (their paths under "grid" and "json"); without, the images as arrays under
+    "images". The pipeline's attention processors are put back as they were."""
+    from sdcli import compare as comparison
+    from sdcli import pipeline
+
+    thresholds = comparison.Thresholds()
+    if exact_tol is not None:
+        thresholds.exact_tol = exact_tol
+    if quantized_tol is not None:
+        thresholds.quantized_tol = quantized_tol
+    settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                 width=width, height=height, seed=seed, backend=reference, output_dir=None)
+    run = pipeline.wrap(pipe, settings, machine_report(device_of(pipe)))
+    result = comparison.compare_run(run, backends, reference, thresholds, on_progress)
+    if output_dir is not None:
+        return comparison.save(result, output_dir)
+    images = result.pop("_images")
+    return {**result, "images": images}

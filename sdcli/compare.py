@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, error_line, hardware, numerics, pipeline, routing, timing
+from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, pipeline, routing, timing
 from sdcli.images import write_new
 from sdcli.backends import EXACT, Backend
 
@@ -323,3 +323,5 @@ def save(result: dict, folder) -> dict:
     public["json"] = str(js)
     return public
 
+
+callable_module(__name__, "compare")  # `sdcli.compare(...)` stays the API function once this module is imported

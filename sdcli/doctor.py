@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdcli import SdcliError, hardware, numerics, timing
+from sdcli import SdcliError, callable_module, hardware, numerics, timing
 from sdcli.backends import BROKEN, Backend, Shape, all_backends, plugin_errors, usable_here
 from sdcli.hardware import Machine
 
@@ -106,3 +106,6 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
     probed = probe(data, verdicts, on_progress) if probe_kernels else None
     plans = [] if report else tuning.cached_plans(data, device)  # plans measured on this machine
     return {"report": data, "verdicts": verdicts, "probe": probed, "plans": plans}
+
+
+callable_module(__name__, "doctor")  # `sdcli.doctor(...)` stays the API function once this module is imported

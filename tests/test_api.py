@@ -1,0 +1,94 @@
+"""The public Python API (sdcli.route, unroute, doctor, compare), used the way the README shows it."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def readme_example() -> str:
+    """The README's Python example, with its Hub model swapped for the built-in tiny pipeline (offline)."""
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Python API\n.*?```python\n(.*?)```", text, re.S).group(1)
+    pipe_line = re.search(r"^pipe = .*$", code, re.M).group(0)
+    return code.replace(pipe_line, "pipe = sdcli.models.tiny()")
+
+
+def test_import_sdcli_loads_neither_torch_nor_diffusers():
+    code = ("import sys, sdcli; sdcli.__version__, sdcli.SdcliError, sdcli.route, sdcli.Plan\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_readme_example_runs_and_counts_what_the_cli_counts(cli, tmp_path, capsys):
+    import sdcli.models  # noqa: F401 (the example's stand-in pipeline, as sdcli.models.tiny())
+
+    scope = {}
+    exec(compile(readme_example(), "README.md", "exec"), scope)
+    plan, pipe = scope["plan"], scope["pipe"]
+    steps = int(re.search(r"num_inference_steps=(\d+)", readme_example()).group(1))
+    assert str(plan.served()) in capsys.readouterr().out
+    layers = plan.served()["layers"]
+    assert plan.served()["backends"] and not any(b == "sdpa-math" for b in plan.served()["backends"])
+    assert [type(p).__name__ for p in pipe.unet.attn_processors.values()] == ["AttnProcessor2_0"] * len(pipe.unet.attn_processors)
+
+    # the same run through the CLI: the same layers, each called as often (auto's choice per shape is timed)
+    data = cli.json("generate", "a lighthouse", "-m", "tiny", "--steps", steps, "--seed", 0, "-o", tmp_path)
+    by_cli = {l["layer"]: sum(l["calls"].values()) for l in data["attention"]["layers"]}
+    assert {name: sum(calls.values()) for name, calls in layers.items()} == by_cli
+
+
+def test_a_named_backend_serves_exactly_what_the_cli_reports(cli, tmp_path):
+    import sdcli
+    from sdcli.models import tiny
+
+    pipe = tiny()
+    plan = sdcli.route(pipe, backend="sdpa")
+    pipe("a lighthouse", num_inference_steps=2)
+    data = cli.json("generate", "a lighthouse", "-m", "tiny", "--steps", 2, "--seed", 0, "--backend", "sdpa",
+                    "-o", tmp_path)
+    # 14 UNet layers × 2 steps (CFG batched) + the VAE decoder's one
+    assert plan.served()["backends"] == data["attention"]["served"] == {"sdpa": 14 * 2 + 1}
+    assert plan.served()["layers"] == {l["layer"]: l["calls"] for l in data["attention"]["layers"]}
+    assert json.loads(json.dumps(plan.to_json()["layers"])) == data["attention"]["layers"]
+    sdcli.unroute(pipe)
+    pipe("a lighthouse", num_inference_steps=1)
+    assert plan.served()["backends"] == {"sdpa": 29}  # unrouted: nothing more counted
+
+
+def test_route_refuses_what_it_cannot_do_in_one_line():
+    import sdcli
+    from sdcli.models import tiny
+
+    with pytest.raises(sdcli.SdcliError, match="unknown attention backend 'nope'"):
+        sdcli.route(tiny(), backend="nope")
+    with pytest.raises(sdcli.SdcliError, match="can't serve layer"):
+        sdcli.route(tiny(), backend="sdpa-cudnn")  # needs a GPU; no fallback asked
+
+
+def test_doctor_is_the_cli_report(cli):
+    import sdcli
+
+    api = sdcli.doctor()
+    assert set(api) == {"report", "verdicts", "probe", "plans"}
+    assert api["verdicts"] == cli.json("doctor")["verdicts"]
+
+
+def test_compare_on_a_pipeline_keeps_its_routing(tmp_path):
+    import sdcli
+    from sdcli.models import tiny
+
+    pipe = tiny()
+    plan = sdcli.route(pipe, backend="sdpa")
+    before = dict(pipe.unet.attn_processors)
+    result = sdcli.compare(pipe, prompt="a lighthouse", seed=1, steps=2, backends=["sdpa-flash"])
+    assert [(r["backend"], r["verdict"]) for r in result["rows"]] == [("sdpa-math", "reference"), ("sdpa-flash", "pass")]
+    assert set(result["images"]) == {"sdpa-math", "sdpa-flash"}
+    assert dict(pipe.unet.attn_processors) == before and plan.served()["backends"] == {}
+    saved = sdcli.compare(pipe, prompt="a lighthouse", seed=1, steps=1, backends=["sdpa"], output_dir=tmp_path)
+    assert (tmp_path / "compare-1.png").is_file() and saved["json"] == str(tmp_path / "compare-1.json")
