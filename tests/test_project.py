@@ -14,3 +14,13 @@ def test_changelog_names_this_version():
     from sdcli import __version__
 
     assert f"## {__version__}" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_every_builtin_model_belongs_to_the_family_that_builds_it():
+    from sdcli import families, models
+
+    owner = {name: f for f in families.FAMILIES for name in f.builtins}
+    assert set(owner) == set(models.BUILTIN)
+    for name, spec in models.ARCHITECTURES.items():
+        assert spec["pipeline"] in owner[name].pipelines
+    assert "StableDiffusionPipeline" in owner["tiny"].pipelines
