@@ -12,9 +12,11 @@ Backend, a list of them, or a function returning either.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from sdcli import kernels
 from sdcli.hardware import Machine
 
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
@@ -79,17 +81,18 @@ Check = Callable[[Machine, "Shape | None"], "Refusal | None"]
 def _version_tuple(v: str) -> tuple:
     parts = []
     for piece in v.split("+")[0].split("."):
-        digits = "".join(c for c in piece if c.isdigit())
+        digits = re.match(r"\d*", piece).group()
         if not digits:
             break
         parts.append(int(digits))
-        if not piece.isdigit():  # 0.0.29.post1 / 2.1.1rc ... stop at the first non-numeric piece
+        if not piece.isdigit():  # 0.0.29.post1 / 2.1.1rc1 / 4.0.0b36 ... the release numbers only
             break
     return tuple(parts)
 
 
-def package(key: str, pip_name: str, min_version: str | None = None, how: str = "") -> Check:
-    """The package is installed, imports, and is new enough for diffusers' wrapper."""
+def package(key: str, pip_name: str, min_version: str | None = None, how: str = "",
+            needed_by: str = "diffusers") -> Check:
+    """The package is installed, imports, and is new enough for diffusers' wrapper (or `needed_by`)."""
     install = f"pip install '{pip_name}>={min_version}'" if min_version else f"pip install {pip_name}"
     install += how
 
@@ -98,7 +101,7 @@ def package(key: str, pip_name: str, min_version: str | None = None, how: str = 
         if not info.get("version") and not info.get("import_ok"):
             return Refusal(NOT_INSTALLED, f"{pip_name} is not installed", install)
         if min_version and info.get("version") and _version_tuple(info["version"]) < _version_tuple(min_version):
-            return Refusal(WRONG_VERSION, f"{pip_name} {info['version']} is installed; diffusers needs ≥ {min_version}",
+            return Refusal(WRONG_VERSION, f"{pip_name} {info['version']} is installed; {needed_by} needs ≥ {min_version}",
                            install.replace("pip install", "pip install -U", 1))
         if info.get("import_ok") is False:
             return Refusal(BROKEN, f"{pip_name} {info.get('version') or ''} fails to import: {info.get('error')}",
@@ -109,12 +112,22 @@ def package(key: str, pip_name: str, min_version: str | None = None, how: str = 
     return check
 
 
+# xformers 0.0.35's _C.so links libcudart.so.12, which a CUDA 13 torch doesn't ship; this wheel does (lead:
+# not yet seen to make the ops load on a GPU, and a wheel built for another torch may still fail after it).
+CUDART12_FIX = ("pip install nvidia-cuda-runtime-cu12, then start sdcli with its library on the loader's path: "
+                "export LD_LIBRARY_PATH=\"$(python -c 'import nvidia.cuda_runtime as m; print(m.__path__[0])')/lib"
+                ":$LD_LIBRARY_PATH\" (unverified on a GPU)")
+
+
 def xformers_ops(m: Machine, shape: Shape | None) -> Refusal | None:
     info = m.package("xformers")
     if info.get("ops_ok") is False:
         torch_v = m.package("torch").get("version") or "?"
         built = info.get("built_for_torch")
         why = f"built for torch {built}, this is torch {torch_v}" if built else "its C++/CUDA extension does not load"
+        load_error = info.get("load_error") or ""
+        if "libcudart.so.12" in load_error:
+            return Refusal(BROKEN, f"xformers' compiled ops don't load: {load_error} ({why})", CUDART12_FIX)
         return Refusal(BROKEN, f"xformers' compiled ops don't load ({why})",
                        "pip install xformers matching this torch (see `python -m xformers.info`)")
     return None
@@ -206,6 +219,98 @@ def torch_at_least(version: str) -> Check:
         return None
 
     check.__name__ = f"torch_at_least({version})"
+    return check
+
+
+def cuda_because(why: str) -> Check:
+    """Like `cuda`, for a kernel that runs on the CPU too but is no use there (say why: measured)."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        if not m.is_cuda:
+            return Refusal(UNSUPPORTED_GPU, f"needs an NVIDIA GPU: {why}", "use sdpa on the CPU")
+        return None
+
+    check.__name__ = "cuda_because"
+    return check
+
+
+def sm_major_in(*majors: int, what: str = "") -> Check:
+    """Whole GPU generations by compute-capability major (9: Hopper, 10: Blackwell, ...), as kernels check them."""
+    names = "/".join(f"SM{m}x" for m in majors)
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        cc = m.compute_capability
+        if m.is_cuda and cc and cc[0] not in majors:
+            return Refusal(UNSUPPORTED_GPU, f"runs only on {names}{what}; this is {m.gpu_label}",
+                           "use another backend on this GPU (sdcli picks one with --backend auto)")
+        return None
+
+    check.__name__ = f"sm_major_in({names})"
+    return check
+
+
+def head_dim_in(*dims: int) -> Check:
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        if shape and shape.head_dim not in dims:
+            return Refusal(UNSUPPORTED_SHAPE, f"head dim {shape.head_dim} not in {'/'.join(map(str, dims))}")
+        return None
+
+    check.__name__ = f"head_dim_in({dims})"
+    return check
+
+
+def kv_len_multiple_of(n: int, why: str) -> Check:
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        if shape and shape.kv_len and shape.kv_len % n:
+            return Refusal(UNSUPPORTED_SHAPE, f"{shape.kv_len} keys, not a multiple of {n}: {why}")
+        return None
+
+    check.__name__ = f"kv_len_multiple_of({n})"
+    return check
+
+
+def fa4_head_dim(m: Machine, shape: Shape | None) -> Refusal | None:
+    """FlashAttention-4's head dims, from flash_attn/cute/interface.py (4.0.0b36): multiples of 8 (16-byte rows);
+    SM90 8-256; SM100/SM110 8-128 or 256 (its 192 and 512 cases need a different V or qv, not plain attention).
+    SM80/SM120 are not checked there: sdcli admits SM90's range, and a kernel error at the first call falls back."""
+    if not shape:
+        return None
+    d, cc = shape.head_dim, m.compute_capability
+    if d % 8:
+        return Refusal(UNSUPPORTED_SHAPE, f"head dim {d} is not a multiple of 8")
+    if cc and cc[0] in (10, 11) and 128 < d != 256:
+        return Refusal(UNSUPPORTED_SHAPE, f"head dim {d}: FlashAttention-4 on SM{cc[0]}x takes 8-128 or 256")
+    if d > 256:
+        return Refusal(UNSUPPORTED_SHAPE, f"head dim {d} > 256")
+    return None
+
+
+def torch_flash_impl(impl: str) -> Check:
+    """torch can swap `impl` in as SDPA's flash kernel (torch.nn.attention.activate_flash_attention_impl)."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        impls = m.report.get("torch", {}).get("flash_attention_impls") or []
+        if impl not in impls:
+            have = m.package("torch").get("version") or m.report.get("torch", {}).get("version")
+            return Refusal(WRONG_VERSION, f"torch {have} can't swap {impl} into SDPA "
+                                          "(no torch.nn.attention.activate_flash_attention_impl)",
+                           "pip install -U torch  (2.13 has it)")
+        return None
+
+    check.__name__ = f"torch_flash_impl({impl})"
+    return check
+
+
+def older_than(key: str, pip_name: str, below: str, fix: str) -> Check:
+    """The installed package is from before `below` (a newer line that other backends serve)."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        have = m.package(key).get("version")
+        if have and _version_tuple(have) >= _version_tuple(below):
+            return Refusal(WRONG_VERSION, f"{pip_name} {have} is installed; this backend is for < {below}", fix)
+        return None
+
+    check.__name__ = f"older_than({key}, {below})"
     return check
 
 
@@ -304,7 +409,14 @@ def usable_here(machine: Machine, shape: Shape | None = None, quantized: bool = 
 
 
 FLASH_HOW = " --no-build-isolation  (no wheel on PyPI: builds from source, needs the CUDA toolkit)"
+FLASH4_HOW = "  (a pre-release, compiled at first use; with a CUDA 13 torch: 'flash-attn-4[cu13]>=4.0.0b36')"
+SAGE2_HOW = "  (2.x builds from source: github.com/thu-ml/SageAttention; PyPI's 1.0.6 serves --backend sage1)"
+# Measured on the project's 2-core CPU (docs/design.md): compiling takes 0.3-17 s per shape, and the compiled
+# kernel was slower than sdpa at every shape tried. Every test that runs "each usable backend" would pay that.
+FLEX_ON_CPU = "on the CPU it compiles for seconds per shape and then runs slower than sdpa (measured)"
+SAGE1_PADDING = "SageAttention 1.0.6 lets the padding keys into the softmax (relative error 0.29 at 77 keys)"
 half = dtypes("fp16", "bf16")
+fa4_installed = package("flash_attn_4", "flash-attn-4", "4.0.0b36", FLASH4_HOW, needed_by="sdcli")
 
 for _b in [
     Backend("sdpa", "PyTorch scaled_dot_product_attention; torch picks the kernel", diffusers_name="native"),
@@ -318,6 +430,9 @@ for _b in [
             in_auto=False),  # materialises the whole score matrix: the reference, never the fastest
     Backend("flex", "PyTorch flex_attention (slow unless compiled)", diffusers_name="flex",
             checks=[torch_at_least("2.5")], in_auto=False),  # eager flex is unfused
+    Backend("flex-compiled", "PyTorch flex_attention, compiled once per shape", attention=kernels.flex_compiled,
+            checks=[torch_at_least("2.5"), cuda_because(FLEX_ON_CPU),
+                    package("triton", "triton", needed_by="torch.compile")]),
     Backend("flash-attn", "FlashAttention-2 (flash-attn package)", diffusers_name="flash",
             checks=[package("flash_attn", "flash-attn", "2.6.3", FLASH_HOW), cuda, sm_at_least(8, 0),
                     half, head_dim_at_most(256), no_mask]),
@@ -325,11 +440,16 @@ for _b in [
             checks=[package("flash_attn_3", "flash-attn-3", None,
                             "  (build from flash-attention/hopper; Hopper GPUs only)"),
                     cuda, sm_in((9, 0)), half, head_dim_at_most(256), no_mask]),
+    Backend("flash-attn-4", "FlashAttention-4 (flash-attn-4, CuTe DSL)", attention=kernels.flash_attn_4,
+            checks=[fa4_installed, cuda, sm_at_least(8, 0), half, fa4_head_dim, no_mask]),
+    Backend("sdpa-fa4", "PyTorch SDPA with torch's FlashAttention-4 implementation swapped in",
+            attention=kernels.sdpa_fa4,
+            checks=[fa4_installed, torch_flash_impl("FA4"), cuda,
+                    sm_major_in(9, 10, what=" (torch's FA4 implementation)"), half, fa4_head_dim, no_mask]),
     Backend("xformers", "xFormers memory_efficient_attention", diffusers_name="xformers",
             checks=[package("xformers", "xformers", "0.0.29"), xformers_ops, cuda, sm_at_least(5, 0)]),
     Backend("sage", "SageAttention 2: INT8 QK, fp16/fp8 PV", kind=QUANTIZED, diffusers_name="sage",
-            checks=[package("sageattention", "sageattention", "2.1.1",
-                            "  (2.x builds from source: github.com/thu-ml/SageAttention)"),
+            checks=[package("sageattention", "sageattention", "2.1.1", SAGE2_HOW),
                     cuda, sm_in((8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1)),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage-fp8", "SageAttention 2: INT8 QK, FP8 PV (Ada, Blackwell)", kind=QUANTIZED,
@@ -341,5 +461,9 @@ for _b in [
             diffusers_name="_sage_qk_int8_pv_fp8_cuda_sm90",
             checks=[package("sageattention", "sageattention", "2.1.1"), cuda, fp8, sm_in((9, 0)),
                     half, head_dim_at_most(128), no_mask]),
+    Backend("sage1", "SageAttention 1 (Triton): INT8 QK, fp16 PV", kind=QUANTIZED, attention=kernels.sage1,
+            checks=[package("sageattention", "sageattention", "1.0.6", needed_by="sage1"),
+                    older_than("sageattention", "sageattention", "2", "SageAttention 2 serves --backend sage"),
+                    cuda, head_dim_in(64, 96, 128), no_mask, kv_len_multiple_of(64, SAGE1_PADDING)]),
 ]:
     register(_b)

@@ -191,6 +191,10 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
         "repeats": repeats, "batch_sizes": batch_sizes, "versions": {k: v.get("version") for k, v in
                                                                     report.get("packages", {}).items()},
         "configs": [],
+        # compile time is paid once and is not throughput: say where it went
+        "timing": "each point is the median of timed runs after an untimed 2-step warm-up, and each kernel alone "
+                  "is timed after one untimed call; kernels that compile (flex-compiled: once per shape; "
+                  "flash-attn-4: at first use) compile there, so compile time is in none of these numbers",
     }
     if micro:  # first: the compiled configurations come last and would have to recompile for it
         runner.say("attention kernels at the model's shapes")

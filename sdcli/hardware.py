@@ -11,6 +11,7 @@ import datetime
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 
@@ -28,6 +29,7 @@ PACKAGES = [
     ("triton", ["triton", "pytorch-triton"], "triton"),
     ("flash_attn", ["flash-attn", "flash_attn"], "flash_attn"),
     ("flash_attn_3", ["flash-attn-3", "flash_attn_3", "flashattn-hopper"], "flash_attn_interface"),
+    ("flash_attn_4", ["flash-attn-4"], "flash_attn.cute"),
     ("xformers", ["xformers"], "xformers"),
     ("sageattention", ["sageattention"], "sageattention"),
     ("pynvml", ["nvidia-ml-py", "pynvml"], "pynvml"),
@@ -64,7 +66,15 @@ def package_info(dists: list[str], module: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             continue
     info = {"version": version, "import_ok": None, "error": None}
-    if importlib.util.find_spec(module) is None:
+    try:
+        spec = importlib.util.find_spec(module)
+        # A bare folder (a namespace package) is no install: flash-attn-4 ships flash_attn/cute without flash-attn.
+        missing = spec is None or (spec.origin is None and not version)
+    except ModuleNotFoundError:  # no parent package (flash_attn, for flash_attn.cute)
+        missing = True
+    except Exception:  # the parent package fails to import: the import below says why
+        missing = False
+    if missing:
         info["import_ok"] = False if version else None
         if version:
             info["error"] = f"distribution installed but module {module!r} is missing"
@@ -97,6 +107,18 @@ def xformers_ops() -> dict:
     except Exception as exc:
         out["ops_ok"] = False
         out["error"] = error_line(exc)
+        return out
+    try:  # wheels without a torch== pin (0.0.35: torch>=2.10) record their build in cpp_lib.json (cuda 1208: 12.8)
+        with open(os.path.join(os.path.dirname(xformers.__file__), "cpp_lib.json")) as f:
+            build = json.load(f).get("version", {})
+        out["built_for_torch"] = out["built_for_torch"] or build.get("torch")
+        out["built_for_cuda"] = f"{build['cuda'] // 100}.{build['cuda'] % 100}" if build.get("cuda") else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    if not out["ops_ok"]:  # why the compiled ops did not load, e.g. "libcudart.so.12: cannot open shared object file"
+        failure = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
+        if failure is not None:
+            out["load_error"] = error_line(failure.__cause__ or failure)
     return out
 
 
@@ -160,6 +182,8 @@ def torch_info(only: int | None = None) -> tuple[dict, list[dict]]:
         return info, gpus
     info["version"] = torch.__version__
     info["cuda"] = torch.version.cuda
+    # SDPA flash kernels torch can swap in (torch.nn.attention.activate_flash_attention_impl): e.g. FA3, FA4
+    info["flash_attention_impls"] = getattr(torch.nn.attention, "list_flash_attention_impls", list)()
     try:
         info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     except Exception:

@@ -38,7 +38,7 @@ def auto_order(machine: Machine, quantized: bool = False) -> list[str]:
     else:
         order = ["flash-attn-3", "flash-attn", "sdpa-flash", "xformers", "sdpa-cudnn", "sdpa-efficient", "sdpa"]
     if quantized:
-        order = ["sage-fp8-sm90", "sage-fp8", "sage"] + order
+        order = ["sage-fp8-sm90", "sage-fp8", "sage", "sage1"] + order
     return order
 
 

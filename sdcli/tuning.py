@@ -22,7 +22,8 @@ from sdcli import backends, families, routing, timing
 from sdcli.backends import Shape
 from sdcli.hardware import Machine
 
-VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "xformers", "sageattention")
+VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "flash_attn_4", "xformers",
+                "sageattention")
 
 
 def cache_dir() -> Path:

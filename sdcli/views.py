@@ -375,4 +375,5 @@ def print_bench(r: dict) -> None:
             shape = e["shape"]
             a.add_row(str(Shape(**shape)), str(shape.get("batch")), ", ".join(cells))
         out.print(a)
+    out.print(f"Timing: {r['timing']}.", style="dim")
     out.print(f"plot: {r['plot']}\njson: {r['json']}", soft_wrap=True)

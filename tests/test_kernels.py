@@ -1,0 +1,272 @@
+"""The kernels a user can install today: FlashAttention-4 (its own function, and through SDPA), SageAttention 1,
+compiled flex_attention; and xFormers' fix on a CUDA 13 torch. Verdicts come from saved reports of real GPU types;
+the kernels themselves need a GPU (tests marked gpu)."""
+
+import json
+import textwrap
+
+import pytest
+
+from conftest import REPORTS, ROOT, run_sdcli, sdpa
+
+NEW = {"flash-attn-4": "exact", "sdpa-fa4": "exact", "flex-compiled": "exact", "sage1": "quantized"}
+
+
+def verdicts(cli, report):
+    data = cli.json("doctor", "--report", report)
+    return {row["backend"]: row for row in data["verdicts"]["backends"]}
+
+
+def derived_report(tmp_path, base, name, cc):
+    """A saved report with another GPU put in: the same packages on another generation."""
+    data = json.loads((REPORTS / f"{base}.json").read_text())
+    data["gpus"][0].update(name=name, compute_capability=cc)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_cpu_doctor_says_why_each_new_backend_cannot_run(cli):
+    rows = {r["backend"]: r for r in cli.json("doctor")["verdicts"]["backends"]}
+    for name, kind in NEW.items():
+        assert rows[name]["kind"] == kind and rows[name]["reason"] and rows[name]["fix"], rows[name]
+    flex = rows["flex-compiled"]
+    assert flex["status"] == "unsupported on this GPU" and flex["reason"].startswith("needs an NVIDIA GPU")
+    for name, pip in (("flash-attn-4", "pip install 'flash-attn-4>=4.0.0b36'"),
+                      ("sdpa-fa4", "pip install 'flash-attn-4>=4.0.0b36'"),
+                      ("sage1", "pip install 'sageattention>=1.0.6'")):
+        assert rows[name]["status"] == "not installed", rows[name]
+        assert rows[name]["fix"].startswith(pip), rows[name]
+
+
+def test_the_gpu_machine_with_what_pypi_serves(cli):
+    """H100, torch 2.11 + CUDA 13, the wheels PyPI has: what each new backend serves, and xformers' remedy."""
+    v = verdicts(cli, REPORTS / "h100-cu13.json")
+    for name in NEW:
+        assert v[name]["status"] == "usable", v[name]
+    for name in ("flash-attn-4", "sdpa-fa4"):
+        assert v[name]["serves"]["SD 1.x 512²"]["ok"] == 5  # 40/80/160-wide heads: 8-256 on SM90
+        assert v[name]["serves"]["VAE 512²"]["refused"] == ["head dim 512 > 256"]
+    sage1 = v["sage1"]["serves"]
+    assert sage1["SD 1.x 512²"]["ok"] == 0 and "head dim 40 not in 64/96/128" in sage1["SD 1.x 512²"]["refused"]
+    assert sage1["SDXL 1024²"]["ok"] == 2 and sage1["SDXL 1024²"]["refused"][0].startswith("77 keys, not a multiple of 64")
+    assert v["flex-compiled"]["serves"]["VAE 512²"]["ok"] == 1
+    xf = v["xformers"]
+    assert xf["status"] == "broken install" and "libcudart.so.12" in xf["reason"] and "2.10.0+cu128" in xf["reason"]
+    assert "pip install nvidia-cuda-runtime-cu12" in xf["fix"] and "LD_LIBRARY_PATH" in xf["fix"]
+    assert "unverified" in xf["fix"]
+    assert v["sage"]["status"] == "wrong version" and "--backend sage1" in v["sage"]["fix"]
+    assert v["flash-attn"]["status"] == "not installed"
+
+
+@pytest.mark.parametrize("gpu, cc, fa4_sd1, sdpa_fa4", [
+    ("NVIDIA A100-SXM4-80GB", "8.0", 5, "runs only on SM9x/SM10x"),
+    ("NVIDIA B200", "10.0", 3, "usable"),             # SM100: 8-128 or 256, so the 160-wide heads are refused
+    ("NVIDIA GeForce RTX 5090", "12.0", 5, "runs only on SM9x/SM10x"),
+    ("Tesla T4", "7.5", None, "runs only on SM9x/SM10x"),
+])
+def test_flash_attention_4_by_gpu_generation(cli, tmp_path, gpu, cc, fa4_sd1, sdpa_fa4):
+    v = verdicts(cli, derived_report(tmp_path, "h100-cu13", gpu, cc))
+    fa4 = v["flash-attn-4"]
+    if fa4_sd1 is None:
+        assert fa4["status"] == "unsupported on this GPU" and "needs SM80+" in fa4["reason"]
+    else:
+        assert fa4["status"] == "usable" and fa4["serves"]["SD 1.x 512²"]["ok"] == fa4_sd1
+        if fa4_sd1 < 5:
+            assert fa4["serves"]["SD 1.x 512²"]["refused"] == ["head dim 160: FlashAttention-4 on SM10x takes 8-128 or 256"]
+    if sdpa_fa4 == "usable":
+        assert v["sdpa-fa4"]["status"] == "usable"
+    else:
+        assert v["sdpa-fa4"]["status"] == "unsupported on this GPU" and sdpa_fa4 in v["sdpa-fa4"]["reason"]
+
+
+def test_older_machines_name_the_version_that_is_missing(cli):
+    h100 = verdicts(cli, REPORTS / "h100.json")  # torch 2.7.1, SageAttention 2.2 built from source
+    assert h100["sdpa-fa4"]["status"] == "wrong version" and "torch 2.7.1+cu128 can't swap FA4" in h100["sdpa-fa4"]["reason"]
+    assert h100["flash-attn-4"]["status"] == "usable"
+    assert h100["sage1"]["status"] == "wrong version" and h100["sage1"]["fix"] == "SageAttention 2 serves --backend sage"
+    t4 = verdicts(cli, REPORTS / "t4.json")  # SageAttention 1.0.6 has no GPU check of its own: Triton on SM75
+    assert t4["sage1"]["status"] == "usable" and t4["sage"]["status"] == "wrong version"
+    assert t4["flash-attn-4"]["status"] == "unsupported on this GPU"
+
+
+def test_auto_measures_exact_ones_and_quantized_only_when_asked():
+    from sdcli import backends, hardware
+
+    machine = hardware.Machine(json.loads((REPORTS / "h100-cu13.json").read_text()))
+
+    def candidates(shape, quantized):  # what measured auto times at a shape
+        return {b.name for b in backends.usable_here(machine, shape, quantized, in_auto_only=True)}
+
+    shape = backends.Shape(10, 64, 4096, 4096, "bf16")
+    exact = candidates(shape, quantized=False)
+    assert {"flash-attn-4", "sdpa-fa4", "flex-compiled"} <= exact and "sage1" not in exact
+    assert "sage1" in candidates(shape, quantized=True)
+    assert "sage1" not in candidates(backends.Shape(10, 64, 4096, 77, "bf16"), quantized=True)
+
+
+def fake_package(folder, dist, version, files, requires=()):
+    """An installed-looking distribution in `folder` (put it on PYTHONPATH): its files and a dist-info."""
+    for rel, text in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    info = folder / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    lines = "".join(f"Requires-Dist: {r}\n" for r in requires)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n{lines}")
+
+
+def test_broken_installs_are_verdicts_with_their_error(tmp_path):
+    """flash-attn-4 and sageattention that fail to import, and an xformers whose compiled ops can't find the CUDA 12
+    runtime (as on a CUDA 13 torch), each as the verdict doctor gives, with the error behind it."""
+    fake_package(tmp_path, "flash-attn-4", "4.0.0b36", {"flash_attn/cute/__init__.py": "import cutlass_not_here\n"})
+    fake_package(tmp_path, "sageattention", "1.0.6", {"sageattention/__init__.py": "import triton_not_here\n"})
+    fake_package(tmp_path, "xformers", "0.0.35", {
+        "xformers/__init__.py": "from . import _cpp_lib\n_has_cpp_library = _cpp_lib._cpp_library_load_exception is None\n",
+        "xformers/_cpp_lib.py": """
+            try:
+                try:
+                    raise OSError("libcudart.so.12: cannot open shared object file: No such file or directory")
+                except OSError as exc:
+                    raise RuntimeError("xFormers can't load C++/CUDA extensions") from exc
+            except RuntimeError as exc:
+                _cpp_library_load_exception = exc
+        """,
+        "xformers/cpp_lib.json": '{"version": {"cuda": 1208, "torch": "2.10.0+cu128"}}',
+    }, requires=["torch>=2.10"])
+    result = run_sdcli("doctor", "--json", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    rows = {r["backend"]: r for r in data["verdicts"]["backends"]}
+    for name in ("flash-attn-4", "sdpa-fa4"):
+        assert rows[name]["status"] == "broken install" and "No module named 'cutlass_not_here'" in rows[name]["reason"]
+    assert rows["sage1"]["status"] == "broken install" and "triton_not_here" in rows["sage1"]["reason"]
+    assert rows["flash-attn"]["status"] == "not installed"  # flash-attn-4's bare flash_attn/ folder is not FA2
+    xf = data["report"]["packages"]["xformers"]
+    assert xf["ops_ok"] is False and xf["built_for_torch"] == "2.10.0+cu128" and xf["built_for_cuda"] == "12.8"
+    assert rows["xformers"]["status"] == "broken install" and "nvidia-cuda-runtime-cu12" in rows["xformers"]["fix"]
+
+
+def test_extras_admit_the_versions_sdcli_was_written_for():
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    flash4, = map(Requirement, extras["flash4"])
+    sage1, = map(Requirement, extras["sage1"])
+    assert flash4.name == "flash-attn-4" and flash4.specifier.contains("4.0.0b36")  # a pre-release, named: pip takes it
+    assert sage1.name == "sageattention" and sage1.specifier.contains("1.0.6") and not sage1.specifier.contains("2.1.1")
+
+
+def test_sdpa_fa4_activates_fa4_for_the_call_and_restores(monkeypatch):
+    """On the CPU SDPA runs its CPU kernel, but the switch itself is torch's and can be watched: FA4 is in the
+    dispatcher for SDPA's CUDA flash op during the call only."""
+    import sys
+    import types
+
+    import torch
+    from torch.nn import attention
+
+    from sdcli import backends
+
+    try:
+        import flash_attn.cute.interface  # noqa: F401  (installed: torch's bridge imports the real one)
+    except ImportError:  # what the bridge imports: FA4's two entry points
+        fake = types.ModuleType("flash_attn.cute.interface")
+        fake._flash_attn_fwd = fake._flash_attn_bwd = lambda *a, **k: None
+        monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", fake)
+
+    def cuda_flash_kernels():
+        table = torch._C._dispatch_dump("aten::_scaled_dot_product_flash_attention")
+        return [line for line in table.splitlines() if line.startswith("CUDA")]
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((attention.current_flash_attention_impl(), len(cuda_flash_kernels())))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.randn(1, 64, 2, 40) for _ in range(3))
+    before = cuda_flash_kernels()
+    out = backends.get("sdpa-fa4").run(q, k, v)
+    assert seen == [("FA4", len(before) + 1)]
+    assert attention.current_flash_attention_impl() is None and cuda_flash_kernels() == before
+    assert torch.allclose(out, sdpa(q, k, v), atol=1e-6)
+
+
+def test_flex_compiled_compiles_each_shape_once_and_exactly():
+    """Every shape gets its own compiled function: with one compile allowed per function (and a hard error past
+    it), two shapes still compile, and their results are exact."""
+    import torch
+
+    from sdcli import backends, kernels
+
+    flex = backends.get("flex-compiled")
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for n in (32, 48, 32):
+            q, k, v = (torch.randn(1, n, 2, 16) for _ in range(3))
+            assert torch.allclose(flex.run(q, k, v), sdpa(q, k, v), atol=1e-5)
+    assert sum(key[0][2] in (32, 48) and key[0][3] == 16 for key in kernels._compiled_flex) == 2
+
+
+# ----- on a GPU -------------------------------------------------------------------------------------------
+
+
+def usable_here(cli):
+    rows = cli.json("doctor", "--dtype", "fp16")["verdicts"]["backends"]
+    return {r["backend"] for r in rows if r["status"] == "usable"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(NEW))
+def test_gpu_new_backend_within_its_bound_at_every_sd_shape_it_takes(cli, name):
+    from sdcli import backends, doctor, hardware, timing
+
+    if name not in usable_here(cli):
+        pytest.skip(f"{name} is not usable on this machine")
+    machine = hardware.Machine(hardware.probe(measure=False))
+    backend = backends.get(name)
+    ran = []
+    for family, shapes in doctor.REFERENCE_SHAPES.items():
+        for heads, head_dim, q_len, kv_len in shapes:
+            shape = backends.Shape(heads, head_dim, q_len, kv_len, "fp16")
+            if backend.verdict(machine, shape).usable:
+                row = timing.measure(backend, shape, "cuda", repeats=3, batch=2)
+                assert row["ok"], (family, row)
+                ran.append(row)
+    assert ran
+
+
+@pytest.mark.gpu
+def test_gpu_sage1_padding_keys_break_its_bound():
+    """Why sage1 refuses 77 keys: seen in Triton's CPU interpreter (relative error 0.29), here on the GPU."""
+    import torch
+
+    from sdcli import backends, numerics
+
+    pytest.importorskip("sageattention")
+    q, k, v = (torch.randn(2, n, 10, 64, device="cuda", dtype=torch.float16) for n in (4096, 77, 77))
+    acc = numerics.accuracy(backends.get("sage1").run(q, k, v), q, k, v)
+    assert acc["rel_error"] > numerics.QUANTIZED_TOL, acc
+
+
+@pytest.mark.gpu
+def test_gpu_sdpa_fa4_runs_flash_attention_4(cli, monkeypatch):
+    """The call reaches FlashAttention-4's own forward (counted), not SDPA's FA2."""
+    import torch
+
+    if "sdpa-fa4" not in usable_here(cli):
+        pytest.skip("sdpa-fa4 is not usable on this machine")
+    from flash_attn.cute import interface
+
+    from sdcli import backends
+
+    calls = []
+    real = interface._flash_attn_fwd
+    monkeypatch.setattr(interface, "_flash_attn_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v = (torch.randn(2, 1024, 8, 80, device="cuda", dtype=torch.float16) for _ in range(3))
+    out = backends.get("sdpa-fa4").run(q, k, v)
+    assert calls and torch.allclose(out, sdpa(q, k, v), atol=2e-3)
