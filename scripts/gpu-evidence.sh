@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
 # Every GPU measurement the docs need, in one go, into folder $1 (default: gpu-evidence).
 # Each command is echoed into $1/commands.txt before it runs, so the numbers keep their command.
-# On the project's lent GPU machine, first make the wheels (../shared/gpu/README.md), then e.g.:
+# On the project's lent GPU machine, first install the wheels (../shared/gpu/README.md; both calls, so that
+# FlashAttention-4 is there too), then e.g.:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
-#   scripts/gpu-evidence.sh $OUT
+#   scripts/gpu-evidence.sh /tmp/evidence && tar -czf $OUT/evidence.tar.gz -C /tmp/evidence .
+# (the lent machine sends back at most 8 files, hence one archive).
+# The model and sizes can be made small for a dry run on a CPU:
+#   MODEL=tiny MODEL_XL=tiny DTYPE=fp32 STEPS=2 BATCH_SIZES=1,2 MAX_BATCH=4 scripts/gpu-evidence.sh /tmp/evidence
 set -uo pipefail
 out=${1:-gpu-evidence}
+model=${MODEL:-sd15-arch} model_xl=${MODEL_XL:-sdxl-arch} dtype=${DTYPE:-fp16}
+steps=${STEPS:-} batch_sizes=${BATCH_SIZES:-1,2,4,8,16,32} max_batch=${MAX_BATCH:-256}
 mkdir -p "$out"
 sdcli() { python3 -m sdcli "$@"; }
 run() { echo "$*" >> "$out/commands.txt"; "$@"; }
 run nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv"
 run python3 -m pytest -q -m gpu tests > "$out/gpu-tests.txt" 2>&1
 run sdcli doctor --json --probe > "$out/doctor-probe.json"
+# xformers on a CUDA 13 torch: does doctor's fix (the CUDA 12 runtime on the loader's path) make its ops load?
+cudart=$(python3 -c 'import nvidia.cuda_runtime as m; print(m.__path__[0])' 2>/dev/null)/lib
+run env LD_LIBRARY_PATH="$cudart:${LD_LIBRARY_PATH:-}" python3 -m sdcli doctor --json > "$out/doctor-cudart12.json"
 # generate with every usable backend (layers it can't take fall back, and the JSON's counts say so)
 for b in $(python3 -c "import json; d=json.load(open('$out/doctor-probe.json')); print(' '.join(r['backend'] for r in d['verdicts']['backends'] if r['status'] == 'usable'))"); do
-  run sdcli generate "a photo of an astronaut riding a horse on mars" -m sd15-arch --backend "$b" --fallback \
-      --dtype fp16 --steps 30 --seed 42 -o "$out/generate-sd15" --json > "$out/generate-sd15-$b.json"
+  run sdcli generate "a photo of an astronaut riding a horse on mars" -m "$model" --backend "$b" --fallback \
+      --dtype "$dtype" --steps "${steps:-30}" --seed 42 -o "$out/generate-sd15" --json > "$out/generate-sd15-$b.json"
 done
-run sdcli compare --seed 42 -m sd15-arch --dtype fp16 --steps 20 -o "$out/compare-sd15" --json > "$out/compare-sd15.json"
-run sdcli compare --seed 42 -m sdxl-arch --dtype fp16 --steps 10 -o "$out/compare-sdxl" --json > "$out/compare-sdxl.json"
-run sdcli bench -m sd15-arch --dtype fp16 --steps 50 --batch-sizes 1,2,4,8,16,32 --compile --channels-last --fuse-qkv \
-    -o "$out/bench-sd15" --json > "$out/bench-sd15.json"
+# compare: every usable backend, the new ones included (sage1 against its quantized bound)
+run sdcli compare --seed 42 -m "$model" --dtype "$dtype" --steps "${steps:-20}" -o "$out/compare-sd15" --json > "$out/compare-sd15.json"
+run sdcli compare --seed 42 -m "$model_xl" --dtype "$dtype" --steps "${steps:-10}" -o "$out/compare-sdxl" --json > "$out/compare-sdxl.json"
+run sdcli bench -m "$model" --dtype "$dtype" --steps "${steps:-50}" --batch-sizes "$batch_sizes" --max-batch "$max_batch" \
+    --compile --channels-last --fuse-qkv -o "$out/bench-sd15" --json > "$out/bench-sd15.json"
 exit 0
