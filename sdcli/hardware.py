@@ -182,8 +182,12 @@ def torch_info(only: int | None = None) -> tuple[dict, list[dict]]:
         return info, gpus
     info["version"] = torch.__version__
     info["cuda"] = torch.version.cuda
-    # SDPA flash kernels torch can swap in (torch.nn.attention.activate_flash_attention_impl): e.g. FA3, FA4
-    info["flash_attention_impls"] = getattr(torch.nn.attention, "list_flash_attention_impls", list)()
+    try:  # SDPA flash kernels torch can swap in (torch.nn.attention.activate_flash_attention_impl): e.g. FA3, FA4
+        from torch.nn import attention
+
+        info["flash_attention_impls"] = attention.list_flash_attention_impls()
+    except (ImportError, AttributeError):  # a torch from before the switch
+        info["flash_attention_impls"] = []
     try:
         info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     except Exception:
