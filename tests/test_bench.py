@@ -63,7 +63,7 @@ def test_bench_recovers_from_out_of_memory(tmp_path):
     rows = {c["name"]: c for c in json.loads(result.stdout)["configs"]}
     oomy = rows["oomy"]
     assert [(p["batch"], p["oom"]) for p in oomy["points"]] == [(1, False), (2, False), (4, True)]
-    assert oomy["largest_batch"] == 3 and oomy["best"]["batch"] == 2
+    assert oomy["largest_batch"] == 3 and oomy["best"]["batch"] in (1, 2)  # which is faster is timing, not OOM
     assert rows["auto"]["largest_batch"] == 16  # the runs after the OOM are unharmed
 
 
