@@ -21,4 +21,9 @@ run sdcli compare --seed 42 -m sd15-arch --dtype fp16 --steps 20 -o "$out/compar
 run sdcli compare --seed 42 -m sdxl-arch --dtype fp16 --steps 10 -o "$out/compare-sdxl" --json > "$out/compare-sdxl.json"
 run sdcli bench -m sd15-arch --dtype fp16 --steps 50 --batch-sizes 1,2,4,8,16,32 --compile --channels-last --fuse-qkv \
     -o "$out/bench-sd15" --json > "$out/bench-sd15.json"
+# the transformer families, where attention is most of the work (bf16: their published dtype)
+run sdcli compare --seed 42 -m sd35-medium-arch --dtype bf16 --steps 10 -o "$out/compare-sd35m" --json > "$out/compare-sd35m.json"
+run sdcli compare --seed 42 -m flux-dev-arch --dtype bf16 --steps 10 -o "$out/compare-flux" --json > "$out/compare-flux.json"
+run sdcli bench -m flux-dev-arch --dtype bf16 --steps 28 --batch-sizes 1,2,4 --max-batch 16 \
+    -o "$out/bench-flux" --json > "$out/bench-flux.json"
 exit 0
