@@ -144,3 +144,23 @@ def test_doctor_judges_the_transformer_families_shapes(cli):
     flash = next(r for r in cli.json("doctor")["verdicts"]["backends"] if r["backend"] == "sdpa-flash")
     assert flash["serves"]["SD 3.5 Medium 1024²"] == {"ok": 2, "of": 2, "refused": []}
     assert flash["serves"]["Flux.1 1024²"] == {"ok": 1, "of": 1, "refused": []}
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_python_api_routes_and_unroutes_transformer_families(cli, tmp_path, model):
+    import sdcli
+    from sdcli import models
+
+    pipe = models.TINY[model]()
+    stock = {name: type(p) for name, p in pipe.transformer.attn_processors.items()}
+    plan = sdcli.route(pipe, backend="sdpa")
+    pipe("a lighthouse", num_inference_steps=2)
+    data = cli.json("generate", "a lighthouse", "-m", model, "--steps", 2, "--seed", 0, "--backend", "sdpa",
+                    "-o", tmp_path)
+    assert plan.served()["layers"] == {l["layer"]: l["calls"] for l in data["attention"]["layers"]}
+    sdcli.unroute(pipe)
+    processors = pipe.transformer.attn_processors
+    assert {name: type(p) for name, p in processors.items()} == stock
+    assert all(getattr(p, "_attention_backend", None) is None for p in processors.values())
+    pipe("a lighthouse", num_inference_steps=1)
+    assert plan.served()["layers"] == {l["layer"]: l["calls"] for l in data["attention"]["layers"]}  # no more
