@@ -247,8 +247,8 @@ def plot(result: dict, path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("batch size (images per pipeline call)")
     ax.set_ylabel("images / s (whole pipeline)")
-    ax.set_title(f"{result['model']} {result['width']}x{result['height']}, {result['steps']} steps, {guidance_label(result)}, "
-                 f"{result['dtype']}\n{result['gpu']}", fontsize=10)
+    ax.set_title(f"{result['model']} {result['width']}x{result['height']}, {result['steps']} steps, "
+                 f"{guidance_label(result)}, {result['dtype']}\n{result['gpu']}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -125,7 +125,8 @@ TuneOpt = Annotated[bool, typer.Option(
          "uses the documented order instead.")]
 RetuneOpt = Annotated[bool, typer.Option("--retune", help="Measure auto's plan again, ignoring the cached one.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet or transformer (slow first call).")]
-ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Denoiser and VAE in channels-last memory format.")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last",
+                                                help="Denoiser and VAE in channels-last memory format.")]
 FuseQkvOpt = Annotated[bool, typer.Option("--fuse-qkv", help="diffusers' fused q/k/v projections.")]
 
 

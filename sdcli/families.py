@@ -47,7 +47,7 @@ class Family:
     routed: tuple[str, ...] = ("unet", "vae")        # components whose attention sdcli routes
     processors: tuple[str, ...] = STOCK_PROCESSORS   # processor classes sdcli may replace there
     schedulers: dict = field(default_factory=lambda: SD_SCHEDULERS, repr=False)
-    guidance: str = "cfg"                  # "cfg": classifier-free (the denoiser's batch doubles); "distilled": an input
+    guidance: str = "cfg"                  # "cfg": classifier-free (doubles the batch); "distilled": an input
     size_multiple: int = 8                 # width and height are multiples of this
     negative_prompt: bool = True
 

@@ -162,7 +162,8 @@ def tiny_sdxl():
                     for cls, t in zip(("CLIPTextModel", "CLIPTextModelWithProjection"), tokenizers)]
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8,
             addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
         vae = AutoencoderKL(latent_channels=4, **TINY_VAE)
@@ -212,7 +213,8 @@ def tiny_flux():
         clip_tokenizer, t5_tokenizer = tiny_tokenizer(), tiny_t5_tokenizer()
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=TINY_T5["d_model"], pooled_projection_dim=TINY_CLIP["projection_dim"],
+            num_attention_heads=2, joint_attention_dim=TINY_T5["d_model"],
+            pooled_projection_dim=TINY_CLIP["projection_dim"],
             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
         return FluxPipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),

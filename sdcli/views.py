@@ -344,8 +344,8 @@ def print_bench(r: dict) -> None:
     from sdcli.backends import Shape
     from sdcli.bench import guidance_label
 
-    t = Table(title=f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, {guidance_label(r)}, {r['dtype']} on "
-                    f"{r['gpu']}: images/s (whole pipeline, median of {r['repeats']})", title_justify="left",
+    t = Table(title=f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, {guidance_label(r)}, {r['dtype']} "
+                    f"on {r['gpu']}: images/s (whole pipeline, median of {r['repeats']})", title_justify="left",
               box=box.SIMPLE_HEAD)
     t.add_column("configuration")
     for b in r["batch_sizes"]:
