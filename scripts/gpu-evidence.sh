@@ -7,10 +7,11 @@
 #   scripts/gpu-evidence.sh /tmp/evidence && tar -czf $OUT/evidence.tar.gz -C /tmp/evidence .
 # (the lent machine sends back at most 8 files, hence one archive).
 # The model and sizes can be made small for a dry run on a CPU:
-#   MODEL=tiny MODEL_XL=tiny DTYPE=fp32 STEPS=2 BATCH_SIZES=1,2 MAX_BATCH=4 scripts/gpu-evidence.sh /tmp/evidence
+#   MODEL=tiny MODEL_XL=tiny-sdxl MODEL_SD3=tiny-sd3 MODEL_FLUX=tiny-flux DTYPE=fp32 DTYPE_DIT=fp32 STEPS=2 BATCH_SIZES=1,2 MAX_BATCH=4 scripts/gpu-evidence.sh /tmp/evidence
 set -uo pipefail
 out=${1:-gpu-evidence}
 model=${MODEL:-sd15-arch} model_xl=${MODEL_XL:-sdxl-arch} dtype=${DTYPE:-fp16}
+model_sd3=${MODEL_SD3:-sd35-medium-arch} model_flux=${MODEL_FLUX:-flux-dev-arch} dtype_dit=${DTYPE_DIT:-bf16}
 steps=${STEPS:-} batch_sizes=${BATCH_SIZES:-1,2,4,8,16,32} max_batch=${MAX_BATCH:-256}
 mkdir -p "$out"
 sdcli() { python3 -m sdcli "$@"; }
@@ -31,4 +32,9 @@ run sdcli compare --seed 42 -m "$model" --dtype "$dtype" --steps "${steps:-20}" 
 run sdcli compare --seed 42 -m "$model_xl" --dtype "$dtype" --steps "${steps:-10}" -o "$out/compare-sdxl" --json > "$out/compare-sdxl.json"
 run sdcli bench -m "$model" --dtype "$dtype" --steps "${steps:-50}" --batch-sizes "$batch_sizes" --max-batch "$max_batch" \
     --compile --channels-last --fuse-qkv -o "$out/bench-sd15" --json > "$out/bench-sd15.json"
+# the transformer families, where attention is most of the work (bf16: their published dtype)
+run sdcli compare --seed 42 -m "$model_sd3" --dtype "$dtype_dit" --steps "${steps:-10}" -o "$out/compare-sd35m" --json > "$out/compare-sd35m.json"
+run sdcli compare --seed 42 -m "$model_flux" --dtype "$dtype_dit" --steps "${steps:-10}" -o "$out/compare-flux" --json > "$out/compare-flux.json"
+run sdcli bench -m "$model_flux" --dtype "$dtype_dit" --steps "${steps:-28}" --batch-sizes 1,2,4 --max-batch 16 \
+    -o "$out/bench-flux" --json > "$out/bench-flux.json"
 exit 0

@@ -70,7 +70,7 @@ def machine_report(device: str) -> dict:
 
 def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = False, device: str | None = None,
           tune: bool = True) -> Plan:
-    """Route every attention layer of `pipe` (SD 1.x/2.x, SDXL) to `backend` and count each call.
+    """Route every attention layer of `pipe` (SD 1.x/2.x, SDXL, SD 3/3.5, Flux.1) to `backend` and count each call.
 
     `backend`: "auto", or a backend name from `sdcli doctor`; a named backend must serve every layer unless
     `fallback` lets auto's order take the others. `quantized` lets auto use quantized kernels. With "auto",
@@ -106,7 +106,7 @@ def doctor(device: str | None = None, dtype: str | None = None, probe: bool = Fa
 
 
 def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 42, steps: int = 30,
-            guidance: float = 7.5, negative_prompt: str | None = None, width: int | None = None,
+            guidance: float | None = None, negative_prompt: str | None = None, width: int | None = None,
             height: int | None = None, backends: list[str] | None = None, reference: str = "sdpa-math",
             exact_tol: float | None = None, quantized_tol: float | None = None, output_dir: str | Path | None = None,
             on_progress=None) -> dict:

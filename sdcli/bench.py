@@ -1,6 +1,6 @@
 """`sdcli bench`: the throughput experiment behind sdcli.
 
-Whole-pipeline images per second (text encoder, every denoising step with classifier-free guidance,
+Whole-pipeline images per second (text encoders, every denoising step with the model's guidance,
 VAE decode) by batch size, for stock diffusers, for each backend, for measured `auto` and for `auto`
 with the speed options; seconds per image at batch 1; peak memory; the largest batch that fits,
 found by doubling and bisection, recovering from out-of-memory; and the attention kernels timed
@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from sdcli import backends, hardware, pipeline, routing, timing, tuning
+from sdcli import backends, families, hardware, pipeline, routing, timing, tuning
 from sdcli.images import write_new
 
 STOCK = "diffusers"
@@ -187,7 +187,7 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
     result = {
         "model": run.model_name, "device": run.device, "gpu": machine.gpu_label,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "steps": settings.steps, "guidance": settings.guidance,
-        "width": run.size[0], "height": run.size[1],
+        "guidance_type": families.of_pipeline(run.pipe).guidance, "width": run.size[0], "height": run.size[1],
         "repeats": repeats, "batch_sizes": batch_sizes, "versions": {k: v.get("version") for k, v in
                                                                     report.get("packages", {}).items()},
         "configs": [],
@@ -225,6 +225,12 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
     return result
 
 
+def guidance_label(result: dict) -> str:
+    """CFG runs the denoiser on two batches per step (in one call); distilled guidance (Flux) on one."""
+    name = "distilled guidance" if result["guidance_type"] == "distilled" else "CFG"
+    return f"{name} {result['guidance']:g}"
+
+
 def plot(result: dict, path) -> None:
     """Images/s against batch size, one line per configuration; the largest batch that fits is marked."""
     import matplotlib
@@ -245,8 +251,8 @@ def plot(result: dict, path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("batch size (images per pipeline call)")
     ax.set_ylabel("images / s (whole pipeline)")
-    ax.set_title(f"{result['model']} {result['width']}x{result['height']}, {result['steps']} steps, CFG, "
-                 f"{result['dtype']}\n{result['gpu']}", fontsize=10)
+    ax.set_title(f"{result['model']} {result['width']}x{result['height']}, {result['steps']} steps, "
+                 f"{guidance_label(result)}, {result['dtype']}\n{result['gpu']}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

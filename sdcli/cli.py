@@ -110,19 +110,23 @@ QuantizedOpt = Annotated[bool, typer.Option(
     "--quantized", help="Let --backend auto use quantized kernels (SageAttention): faster, results move more.")]
 NegativeOpt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", help="What to keep out of the image.")]
 StepsOpt = Annotated[int, typer.Option(help="Denoising steps.")]
-GuidanceOpt = Annotated[float, typer.Option(help="Classifier-free guidance scale (CFG doubles the UNet's batch).")]
+GuidanceOpt = Annotated[Optional[float], typer.Option(
+    help="Guidance scale; default: the pipeline's own. Classifier-free guidance (doubles the denoiser's batch) for SD "
+         "1.x to 3.5; for Flux, the distilled guidance the model takes as an input.")]
 WidthOpt = Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")]
 HeightOpt = Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")]
 SchedulerOpt = Annotated[str, typer.Option(
-    help="default (the model's own), euler, euler-a, dpm++2m, dpm++2m-karras, ddim, pndm, unipc, heun.")]
+    help="default (the model's own); SD 1.x/2.x, SDXL: euler, euler-a, dpm++2m, dpm++2m-karras, ddim, pndm, unipc, "
+         "heun; SD 3, Flux (flow matching): euler, euler-karras, dpm++2m, unipc.")]
 VaeDtypeOpt = Annotated[str, typer.Option(help="auto (fp32 when fp16 would overflow), fp16, bf16 or fp32.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, summary or tables.")]
 TuneOpt = Annotated[bool, typer.Option(
     help="--backend auto measures the fastest backend per layer shape on first use and caches it; --no-tune "
          "uses the documented order instead.")]
 RetuneOpt = Annotated[bool, typer.Option("--retune", help="Measure auto's plan again, ignoring the cached one.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (slow first call).")]
-ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="UNet and VAE in channels-last memory format.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet or transformer (slow first call).")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last",
+                                                help="Denoiser and VAE in channels-last memory format.")]
 FuseQkvOpt = Annotated[bool, typer.Option("--fuse-qkv", help="diffusers' fused q/k/v projections.")]
 
 
@@ -141,7 +145,7 @@ def generate(
     channels_last: ChannelsLastOpt = False,
     fuse_qkv: FuseQkvOpt = False,
     steps: StepsOpt = 30,
-    guidance: GuidanceOpt = 7.5,
+    guidance: GuidanceOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Image n of the run uses seed+n; default: random.")] = None,
@@ -177,6 +181,7 @@ def generate(
         raise SdcliError("--resume needs the --seed of the run it finishes (without one, seeds are random and "
                          "no image on disk can match)")
     settings.validate()  # fail on bad input before the slow imports
+    settings.apply_family()  # and on settings the model's family can't take (--resume compares its defaults)
     ranks = distributed.detect()
     view = views.GenerateView(json_out, quiet, verbose)
     if ranks.launched or resume:
@@ -206,7 +211,7 @@ def compare(
     quantized_tol: Annotated[float, typer.Option(
         help="Quantized kernels may err at most this much (relative L2 error at kernel level).")] = 0.1,
     steps: StepsOpt = 30,
-    guidance: GuidanceOpt = 7.5,
+    guidance: GuidanceOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
     scheduler: SchedulerOpt = "default",
@@ -270,7 +275,7 @@ def bench(
     channels_last: ChannelsLastOpt = False,
     fuse_qkv: FuseQkvOpt = False,
     steps: StepsOpt = 50,
-    guidance: GuidanceOpt = 7.5,
+    guidance: GuidanceOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per point; the median is reported.")] = 3,

@@ -19,6 +19,11 @@ REFERENCE_SHAPES = {
     "SD 1.x 512²": [(8, 40, 4096, 4096), (8, 40, 4096, 77), (8, 80, 1024, 1024), (8, 160, 256, 256), (8, 160, 64, 77)],
     "SD 2.x 768²": [(5, 64, 9216, 9216), (10, 64, 2304, 77), (20, 64, 576, 576)],
     "SDXL 1024²": [(10, 64, 4096, 4096), (10, 64, 4096, 77), (20, 64, 1024, 1024)],
+    # joint attention: 4096 image tokens + 77 CLIP + 256 T5 (SD 3) or + 512 T5 (Flux); Medium's second
+    # attention is over the image tokens alone
+    "SD 3.5 Medium 1024²": [(24, 64, 4429, 4429), (24, 64, 4096, 4096)],
+    "SD 3.5 Large 1024²": [(38, 64, 4429, 4429)],
+    "Flux.1 1024²": [(24, 128, 4608, 4608)],
     "VAE 512²": [(1, 512, 4096, 4096)],
 }
 # On a CPU the full 4096-9216-long sequences take minutes; the heads and head dims are what differ.

@@ -1,60 +1,125 @@
 """Model families, declared in one place: how sdcli recognises each, and what in it has attention to route.
 
-A family names the diffusers pipeline classes it covers (model_index.json's `_class_name`), the tensor
-names that mark one of its single-file checkpoints, its denoiser (the component that runs every step,
-whose config gives the native size), the components whose `Attention` modules sdcli routes and which
-of their processor classes it may replace, how latents become images, and sdcli's built-in models of
-that family. A new family (a transformer denoiser, other processors, its own decode) is one more entry.
+A family names the diffusers pipeline classes it covers (model_index.json's `_class_name`), diffusers'
+names for its single-file checkpoints, its denoiser (the component that runs every step), the
+components whose attention modules sdcli routes and which of their processor classes it may replace,
+the schedulers that fit its training objective, what its guidance means, the sizes it takes, and
+sdcli's built-in models of that family. Everything else (text encoders, latent packing, VAE scaling
+and shift, decoding) is the pipeline's own. A new family is one more entry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 from sdcli import SdcliError
 
 STOCK_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0")  # diffusers' own, F.sdpa inside
 
-
-def decode_vae(pipe, latents):
-    """diffusers' own decode path for SD and SDXL (scaling, optional latent mean/std, VAE, postprocess), in the
-    VAE's dtype."""
-    vae = pipe.vae
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, latents.shape[1], 1, 1)
-        mean = latents.new_tensor(mean).view(shape)
-        std = latents.new_tensor(std).view(shape)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="np")
+# name -> (diffusers scheduler class, config overrides, A1111 sampler name)
+SD_SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+}
+# Flow matching (SD 3, Flux): the model predicts a velocity; DPM++ and UniPC take it with flow sigmas.
+FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_SCHEDULERS = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
+    "euler-karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler Karras"),
+    "dpm++2m": ("DPMSolverMultistepScheduler", FLOW, "DPM++ 2M"),
+    "unipc": ("UniPCMultistepScheduler", FLOW, "UniPC"),
+}
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     pipelines: tuple[str, ...]             # diffusers pipeline classes; the first loads single-file checkpoints
-    checkpoint_keys: tuple[str, ...]       # tensor-name prefixes that all occur in a single-file checkpoint
+    checkpoints: tuple[str, ...]           # diffusers' names for its checkpoints (infer_diffusers_model_type)
     builtins: tuple[str, ...] = ()         # sdcli's built-in models of this family (models.BUILTIN)
     denoiser: str = "unet"                 # the component that runs every step
     routed: tuple[str, ...] = ("unet", "vae")        # components whose attention sdcli routes
     processors: tuple[str, ...] = STOCK_PROCESSORS   # processor classes sdcli may replace there
-    decode: Callable = decode_vae          # (pipe, latents) -> images as float arrays in [0, 1]
+    schedulers: dict = field(default_factory=lambda: SD_SCHEDULERS, repr=False)
+    guidance: str = "cfg"                  # "cfg": classifier-free (doubles the batch); "distilled": an input
+    size_multiple: int = 8                 # width and height are multiples of this
+    negative_prompt: bool = True
 
     def native_size(self, pipe) -> int:
-        return getattr(pipe, self.denoiser).config.sample_size * pipe.vae_scale_factor
+        """The size the pipeline makes when given none: its own default (SD 1.x's pipeline has none: the UNet's)."""
+        latent = getattr(pipe, "default_sample_size", None) or getattr(pipe, self.denoiser).config.sample_size
+        return latent * pipe.vae_scale_factor
+
+    def default_guidance(self, pipe_class: str | None = None) -> float:
+        """The pipeline's own default guidance scale, read from its signature (diffusers decides)."""
+        import inspect
+
+        from sdcli.models import quiet_libraries
+
+        quiet_libraries()
+        import diffusers
+
+        call = getattr(diffusers, pipe_class or self.pipelines[0]).__call__
+        return inspect.signature(call).parameters["guidance_scale"].default
+
+    def check(self, scheduler: str, negative_prompt: str | None, width: int | None, height: int | None) -> None:
+        """Settings that only some families take fail here, in one line, before anything loads."""
+        if scheduler != "default" and scheduler not in self.schedulers:
+            raise SdcliError(f"--scheduler {scheduler} does not fit {self.name}; choose default, "
+                             f"{', '.join(self.schedulers)}")
+        if negative_prompt and not self.negative_prompt:
+            raise SdcliError(f"{self.name} has distilled guidance and no negative prompt; leave out --negative-prompt")
+        for option, value in (("width", width), ("height", height)):
+            if value is not None and value % self.size_multiple:
+                raise SdcliError(f"--{option} must be a multiple of {self.size_multiple} for {self.name}, not {value}")
 
 
 FAMILIES = [
-    Family("SD 1.x/2.x", ("StableDiffusionPipeline",), ("model.diffusion_model.",),
-           builtins=("tiny", "sd15-arch", "sd21-arch")),
-    Family("SDXL", ("StableDiffusionXLPipeline",), ("model.diffusion_model.", "conditioner.embedders.1"),
-           builtins=("sdxl-arch",)),
+    Family("SD 1.x/2.x", ("StableDiffusionPipeline",), ("v1", "v2"), builtins=("tiny", "sd15-arch", "sd21-arch")),
+    Family("SDXL", ("StableDiffusionXLPipeline",), ("xl_base",), builtins=("tiny-sdxl", "sdxl-arch")),
+    # an MMDiT: image and text tokens attend jointly; patch size 2 over 8× latents makes 16-pixel steps
+    Family("SD 3/3.5", ("StableDiffusion3Pipeline",), ("sd3", "sd35_medium", "sd35_large"),
+           builtins=("tiny-sd3", "sd35-medium-arch", "sd35-large-arch"), denoiser="transformer",
+           routed=("transformer", "vae"),
+           processors=("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", *STOCK_PROCESSORS),
+           schedulers=FLOW_SCHEDULERS, size_multiple=16),
+    # its processors call diffusers' dispatcher; latents packed 2×2 (16-pixel steps); FluxPipeline takes a negative
+    # prompt only for "true CFG", off by default
+    Family("Flux.1", ("FluxPipeline",), ("flux-dev", "flux-schnell"), builtins=("tiny-flux", "flux-dev-arch"),
+           denoiser="transformer", routed=("transformer", "vae"), processors=("FluxAttnProcessor", *STOCK_PROCESSORS),
+           schedulers=FLOW_SCHEDULERS, guidance="distilled", size_multiple=16, negative_prompt=False),
 ]
+
+
+def supported() -> str:
+    return ", ".join(f"{p} ({f.name})" for f in FAMILIES for p in f.pipelines)
+
+
+def of_class(class_name: str, where: str) -> Family:
+    """The family of a pipeline class named in a model_index.json; an unknown one is refused in one line."""
+    for family in FAMILIES:
+        if class_name in family.pipelines:
+            return family
+    raise SdcliError(f"{where} holds a {class_name}, which sdcli does not run; it runs {supported()}")
+
+
+def of_builtin(name: str) -> Family:
+    return next(f for f in FAMILIES if name in f.builtins)
+
+
+def of_checkpoint(model_type: str, where: str) -> Family:
+    """The family of a single-file checkpoint, by the name diffusers infers for it from its tensors."""
+    for family in FAMILIES:
+        if model_type in family.checkpoints:
+            return family
+    raise SdcliError(f"{where} is a {model_type!r} checkpoint (diffusers' name for it), which sdcli does not run; "
+                     f"it runs {supported()}")
 
 
 def of_pipeline(pipe) -> Family:
@@ -69,9 +134,3 @@ def of_pipeline(pipe) -> Family:
             return family
     raise SdcliError(f"sdcli does not know {type(pipe).__name__}: it routes "
                      + ", ".join(p for f in FAMILIES for p in f.pipelines))
-
-
-def of_checkpoint(keys: list[str]) -> Family | None:
-    """The family of a single-file checkpoint from its tensor names: the most specific one that matches."""
-    matches = [f for f in FAMILIES if all(any(k.startswith(p) for k in keys) for p in f.checkpoint_keys)]
-    return max(matches, key=lambda f: len(f.checkpoint_keys), default=None)

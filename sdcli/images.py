@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from sdcli import SdcliError, __version__, hardware
+from sdcli import SdcliError, __version__, families, hardware
 
 
 def _quote(value) -> str:
@@ -37,9 +37,11 @@ def recipe(run, item) -> dict:
     """Everything that made `item` in `run` (a pipeline.Run): settings, model, attention, versions."""
     s = run.settings
     width, height = run.size
+    family = families.of_pipeline(run.pipe)
     return {
         "prompt": item.prompt, "negative_prompt": s.negative_prompt, "seed": item.seed, "item": item.index,
-        "steps": s.steps, "guidance": s.guidance, "width": width, "height": height,
+        "family": family.name, "steps": s.steps, "guidance": s.guidance, "guidance_type": family.guidance,
+        "width": width, "height": height,
         "scheduler": s.scheduler, "sampler": run.sampler, "model": run.model_name, "backend": s.backend,
         "fallback": s.fallback, "quantized": s.quantized, "attention": attention_summary(run.router),
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "device": run.device,
@@ -54,7 +56,10 @@ def a1111_parameters(r: dict) -> str:
     lines = [r["prompt"]]
     if r.get("negative_prompt"):
         lines.append(f"Negative prompt: {r['negative_prompt']}")
-    fields = {"Steps": r["steps"], "Sampler": r["sampler"], "CFG scale": r["guidance"], "Seed": r["seed"],
+    # Flux's guidance is an input of the model, not CFG: Forge writes it as "Distilled CFG Scale", CFG off at 1
+    guidance = ({"CFG scale": 1, "Distilled CFG Scale": r["guidance"]} if r.get("guidance_type") == "distilled"
+                else {"CFG scale": r["guidance"]})
+    fields = {"Steps": r["steps"], "Sampler": r["sampler"], **guidance, "Seed": r["seed"],
               "Size": f"{r['width']}x{r['height']}", "Model": r["model"], "Backend": r["backend"],
               "Attention": r["attention"], "Dtype": r["dtype"], "Version": f"sdcli {__version__}"}
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v not in (None, "")))

@@ -18,17 +18,7 @@ from pathlib import Path
 from sdcli import SdcliError, backends, families, first_line, hardware, numerics, timing
 from sdcli.images import recipe, save_png
 
-# name -> (diffusers scheduler class, config overrides, A1111 sampler name)
-SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
-}
+SCHEDULER_NAMES = list(dict.fromkeys(name for f in families.FAMILIES for name in f.schedulers))  # every family's
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
@@ -39,7 +29,7 @@ class Settings:
     negative_prompt: str | None = None
     model: str = DEFAULT_MODEL
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the pipeline's own default (CFG scale, or Flux's distilled guidance)
     width: int | None = None   # None: the model's native size
     height: int | None = None
     seed: int | None = None    # None: a random one, recorded in every image
@@ -54,13 +44,24 @@ class Settings:
     quantized: bool = False
     tune: bool = True          # `auto` measures its plan on first use (sdcli.tuning); False: the documented order
     retune: bool = False
-    compile: bool = False      # torch.compile the UNet
+    compile: bool = False      # torch.compile the denoiser
     channels_last: bool = False
     fuse_qkv: bool = False     # diffusers' fused q/k/v projections
     output_dir: Path | None = Path("outputs")  # None: nothing is written (the Python API's compare)
 
     def __post_init__(self):
         self.output_dir = None if self.output_dir is None else Path(self.output_dir)
+
+    def apply_family(self) -> families.Family:
+        """Recognise the model's family (before any weights load), check the settings that depend on it, and fill
+        in its default guidance. Returns the family."""
+        from sdcli import models
+
+        family = models.recognise(self.model)
+        family.check(self.scheduler, self.negative_prompt, self.width, self.height)
+        if self.guidance is None:
+            self.guidance = family.default_guidance()
+        return family
 
     def validate(self) -> None:
         """Every check that needs no model: bad input fails here, before anything loads."""
@@ -73,12 +74,12 @@ class Settings:
         for name in ("steps", "batch_size", "num_images"):
             if getattr(self, name) < 1:
                 raise SdcliError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.guidance < 0:
+        if self.guidance is not None and self.guidance < 0:
             raise SdcliError(f"--guidance must be ≥ 0, not {self.guidance}")
         if self.seed is not None and not 0 <= self.seed < 2**63 - len(self.prompts) * self.num_images:
             raise SdcliError(f"--seed must be between 0 and 2**63, not {self.seed}")
-        if self.scheduler != "default" and self.scheduler not in SCHEDULERS:
-            raise SdcliError(f"unknown --scheduler {self.scheduler!r}; choose default, {', '.join(SCHEDULERS)}")
+        if self.scheduler != "default" and self.scheduler not in SCHEDULER_NAMES:
+            raise SdcliError(f"unknown --scheduler {self.scheduler!r}; choose default, {', '.join(SCHEDULER_NAMES)}")
         for name in ("dtype", "vae_dtype"):
             if getattr(self, name) not in DTYPE_CHOICES:
                 raise SdcliError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_CHOICES)}")
@@ -251,7 +252,7 @@ def prepare(settings: Settings, report: dict | None = None, on_progress=None) ->
     if settings.seed is None:
         settings.seed = secrets.randbelow(2**32)
     settings.validate()
-    models.resolve(settings.model)  # a missing model fails before the slow imports
+    settings.apply_family()  # an unsupported model fails before its weights load
     report = report or hardware.probe()
     device = choose_device(report, settings.device)
     machine = hardware.Machine(report, device)
@@ -262,7 +263,7 @@ def prepare(settings: Settings, report: dict | None = None, on_progress=None) ->
     if vae_dtype == "auto":  # fp16 VAEs overflow into NaN/black; diffusers marks those with force_upcast
         vae_dtype = "fp32" if dtype == "fp16" and getattr(pipe.vae.config, "force_upcast", False) else dtype
     if vae_dtype != dtype:
-        pipe.vae.to(numerics.torch_dtype(vae_dtype))
+        vae_in_its_dtype(pipe, vae_dtype)
     sampler = set_scheduler(pipe, settings.scheduler)
     run = Run(settings, report, device, dtype, vae_dtype, pipe=pipe, model_name=name, sampler=sampler)
     apply_speed_options(pipe, settings.fuse_qkv, settings.channels_last)
@@ -284,23 +285,35 @@ def wrap(pipe, settings: Settings, report: dict | None = None, name: str | None 
     if settings.seed is None:
         settings.seed = secrets.randbelow(2**32)
     settings.validate()
-    denoiser = getattr(pipe, families.of_pipeline(pipe).denoiser)
+    family = families.of_pipeline(pipe)
+    if settings.guidance is None:
+        settings.guidance = family.default_guidance(type(pipe).__name__)
+    denoiser = getattr(pipe, family.denoiser)
     device = str(denoiser.device)
     report = report or hardware.probe(only_gpu=denoiser.device.index)
     return Run(settings, report, device, numerics.dtype_name(denoiser.dtype), numerics.dtype_name(pipe.vae.dtype),
                pipe=pipe, model_name=name or type(pipe).__name__, sampler=set_scheduler(pipe, "default"))
 
 
+def vae_in_its_dtype(pipe, vae_dtype: str) -> None:
+    """The VAE in another dtype than the denoiser: the pipeline decodes as always, and the latents are cast as they
+    enter the VAE's first layer."""
+    vae = pipe.vae.to(numerics.torch_dtype(vae_dtype))
+    first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+    first.register_forward_pre_hook(lambda module, args: (args[0].to(vae.dtype), *args[1:]))
+
+
 def apply_speed_options(pipe, fuse_qkv: bool = False, channels_last: bool = False) -> None:
-    """Options diffusers users know. Fuse before routing: diffusers installs its own fused processor, which
-    routing then replaces with sdcli's (it handles fused projections)."""
+    """Options diffusers users know, on the denoiser and the VAE. Fuse before routing: diffusers installs its own
+    fused processor, which routing then replaces with sdcli's (it handles fused projections)."""
     import torch
 
-    if fuse_qkv:
-        pipe.fuse_qkv_projections()
-    if channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+    for part in families.of_pipeline(pipe).routed:
+        model = getattr(pipe, part)
+        if fuse_qkv:
+            model.fuse_qkv_projections()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
 
 
 def release_memory() -> None:
@@ -315,7 +328,7 @@ def release_memory() -> None:
 
 
 def compile_denoiser(run: Run, batch: int) -> None:
-    """torch.compile the UNet (the family's denoiser) after one eager step, so every attention route exists
+    """torch.compile the family's denoiser (UNet or transformer) after one eager step, so every attention route exists
     before dynamo traces (the warm-up's calls are not counted)."""
     one_step(run, batch)
     run.router.reset_counts()
@@ -329,15 +342,19 @@ def one_step(run: Run, batch: int | None = None) -> None:
 
 
 def set_scheduler(pipe, name: str) -> str:
-    """Swap in the named scheduler (from the model's own config); return its A1111 sampler name."""
+    """Swap in the named scheduler of the pipeline's family (from the model's own config); return its A1111
+    sampler name."""
     import diffusers
 
+    schedulers = families.of_pipeline(pipe).schedulers
     if name != "default":
-        cls_name, overrides, _ = SCHEDULERS[name]
+        cls_name, overrides, _ = schedulers[name]
+        if overrides.get("use_flow_sigmas") and "shift" in pipe.scheduler.config:
+            overrides = {"flow_shift": pipe.scheduler.config.shift, **overrides}  # FlowMatch's `shift`, renamed
         pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
     cls_name = type(pipe.scheduler).__name__
     karras = bool(getattr(pipe.scheduler.config, "use_karras_sigmas", False))
-    for c, overrides, sampler in SCHEDULERS.values():
+    for c, overrides, sampler in schedulers.values():
         if c == cls_name and bool(overrides.get("use_karras_sigmas", False)) == karras:
             return sampler
     return cls_name
@@ -377,32 +394,35 @@ def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=N
 
 
 def render(run: Run, batch: list[Item], on_step=None, steps: int | None = None):
-    """One pipeline call for a batch: latents from the UNet, decoded by sdcli to catch NaN where it starts.
-    Returns (images as float arrays in [0, 1], one problem or None per image)."""
+    """One pipeline call for a batch, decoded by the pipeline itself (its scaling, shift, unpacking and VAE).
+    The last step's latents are kept to tell a denoiser's NaN from the VAE's. Returns (images as float arrays
+    in [0, 1], one problem or None per image)."""
     import numpy as np
     import torch
 
     s, pipe = run.settings, run.pipe
     generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]  # same latents on any device
+    last = {}
 
     def step_end(_pipe, step, _t, kwargs):
+        last["latents"] = kwargs["latents"]
         if on_step:
             on_step(step, kwargs["latents"])
         return kwargs
 
     with torch.inference_mode():
-        latents = pipe(
+        images = pipe(
             prompt=[item.prompt for item in batch],
             negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
             num_inference_steps=steps or s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,
-            generator=generators, output_type="latent", callback_on_step_end=step_end,
+            generator=generators, output_type="np", callback_on_step_end=step_end,
         ).images
-        bad_latents = [bool(torch.isnan(x).any()) for x in latents]
-        images = decode(pipe, latents)
+        bad_latents = torch.isnan(last["latents"].flatten(1)).any(1).tolist()
     problems = []
     for bad, image in zip(bad_latents, images):
         if bad:
-            problems.append(f"NaN in the latents: the UNet overflowed in {run.dtype} or the attention kernel "
+            denoiser = families.of_pipeline(pipe).denoiser
+            problems.append(f"NaN in the latents: the {denoiser} overflowed in {run.dtype} or the attention kernel "
                             "failed; try --dtype bf16 (or fp32), or another --backend")
         elif np.isnan(image).any():
             problems.append(f"NaN after the VAE in {run.vae_dtype}: run it with --vae-dtype fp32")
@@ -411,11 +431,6 @@ def render(run: Run, batch: list[Item], on_step=None, steps: int | None = None):
         else:
             problems.append(None)
     return images, problems
-
-
-def decode(pipe, latents):
-    """Latents to images the way the pipeline's family does it (see families.py)."""
-    return families.of_pipeline(pipe).decode(pipe, latents)
 
 
 def native_size(pipe) -> int:

@@ -1,9 +1,11 @@
-"""Attention routing: each attention layer of the UNet and VAE sent to the backend its plan chose.
+"""Attention routing: each attention layer of the denoiser and VAE sent to the backend its plan chose.
 
-diffusers' SD/SDXL UNet and VAE call F.scaled_dot_product_attention directly and ignore diffusers'
-own backend switch (docs/design.md). So sdcli puts `RoutedAttnProcessor` on every `Attention`
-module. It computes q/k/v exactly as diffusers' `AttnProcessor2_0` does and hands the attention call
-to the backend the plan chose for that layer. Every call is counted per layer and backend: that
+diffusers' SD/SDXL UNet, SD 3's transformer and the VAE call F.scaled_dot_product_attention directly
+and ignore diffusers' own backend switch (docs/design.md). So sdcli puts its own processor on each of
+their `Attention` modules: `RoutedAttnProcessor` computes q/k/v exactly as `AttnProcessor2_0` does,
+`RoutedJointAttnProcessor` as SD 3's `JointAttnProcessor2_0`, and both hand the attention call to the
+backend the plan chose for that layer. Flux's processors already call diffusers' dispatcher; sdcli
+keeps them and routes that call (see `Route`). Every call is counted per layer and backend: that
 count, not the request, is what sdcli reports as having run.
 
 A plan is made per layer from its static shape (heads, head dim, dtype) when the processors are
@@ -47,7 +49,7 @@ class Layer:
     """One attention module, its plan and the evidence of what served it."""
 
     name: str
-    attention: str  # "self" or "cross"
+    attention: str  # "self", "cross", or "joint" (image and text tokens in one sequence: SD 3, Flux)
     heads: int
     head_dim: int
     dtype: str
@@ -125,12 +127,11 @@ class Router:
 
     # ----- planning -------------------------------------------------------------------------------------
 
-    def plan(self, name: str, attn) -> Layer:
+    def plan(self, name: str, attn, attention: str) -> Layer:
         weight = attn.to_q.weight if hasattr(attn, "to_q") else attn.to_qkv.weight
         heads = attn.heads
         head_dim = attn.inner_dim // heads
-        layer = Layer(name, "cross" if attn.is_cross_attention else "self", heads, head_dim,
-                      dtype_name(weight.dtype))
+        layer = Layer(name, attention, heads, head_dim, dtype_name(weight.dtype))
         shape = Shape(heads, head_dim, dtype=layer.dtype)
         machine = self._machine(weight.device)
         for backend in self.chain:
@@ -269,9 +270,10 @@ def sdpa_kernel_choice(q, k, v, mask) -> str:
 class RoutedAttnProcessor:
     """diffusers' AttnProcessor2_0, step for step, with the attention call routed and counted."""
 
-    def __init__(self, router: Router, layer: Layer):
+    def __init__(self, router: Router, layer: Layer, stock):
         self.router = router
         self.layer = layer
+        self.stock = stock  # the processor it replaced, put back by unroute()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -328,35 +330,146 @@ class RoutedAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class RoutedJointAttnProcessor:
+    """SD 3's JointAttnProcessor2_0 (and its fused twin), step for step, with the attention call routed and
+    counted. Image tokens and text tokens attend as one sequence: the layer's shape is their sum. Without
+    text (SD 3.5 Medium's second attention) it is self-attention over the image tokens."""
+
+    def __init__(self, router: Router, layer: Layer, stock):
+        self.router = router
+        self.layer = layer
+        self.stock = stock
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        import torch
+
+        batch_size, image_tokens = hidden_states.shape[:2]
+        fused = getattr(attn, "fused_projections", False)
+        if fused:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if encoder_hidden_states is not None:
+            if fused:
+                text = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                text = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                        attn.add_v_proj(encoder_hidden_states))
+            text_query, text_key, text_value = (t.view(batch_size, -1, attn.heads, head_dim) for t in text)
+            if attn.norm_added_q is not None:
+                text_query = attn.norm_added_q(text_query)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            query = torch.cat([query, text_query], dim=1)  # image tokens first, then text
+            key = torch.cat([key, text_key], dim=1)
+            value = torch.cat([value, text_value], dim=1)
+
+        hidden_states = self.router.attend(self.layer, query, key, value)
+
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :image_tokens], hidden_states[:, image_tokens:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+
+class Route:
+    """Set as `_attention_backend` on a processor that calls diffusers' dispatcher itself (Flux's): the
+    processor runs unchanged, and its module's `dispatch_attention_fn` hands the call to the router."""
+
+    def __init__(self, router: Router, layer: Layer, stock):
+        self.router = router
+        self.layer = layer
+        self.stock = stock
+
+
+def divert_dispatcher(module) -> None:
+    """Let `module`'s dispatch_attention_fn (the name its processors call) serve calls that carry a Route.
+    Any other call goes on to diffusers' function unchanged, so an unrouted model is untouched."""
+    dispatch = module.dispatch_attention_fn
+    if hasattr(dispatch, "diffusers_dispatch"):
+        return
+
+    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              *args, backend=None, **kwargs):
+        if not isinstance(backend, Route):
+            return dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, *args, backend=backend,
+                            **kwargs)
+        if dropout_p or is_causal or args or any(kwargs.values()):
+            raise RoutingError(f"{backend.layer.name} asks the dispatcher for more than attention "
+                               "(dropout, causal mask or extra arguments), which sdcli does not route")
+        return backend.router.attend(backend.layer, query, key, value, attn_mask, scale)
+
+    dispatch_attention_fn.diffusers_dispatch = dispatch
+    module.dispatch_attention_fn = dispatch_attention_fn
+
+
+def stock_processor(module):
+    """The processor diffusers gave `module`: the one sdcli replaced, if it routed the module."""
+    processor = module.processor
+    if isinstance(processor, (RoutedAttnProcessor, RoutedJointAttnProcessor)):
+        return processor.stock
+    route = getattr(processor, "_attention_backend", None)
+    return route.stock if isinstance(route, Route) else processor
+
+
+JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")  # SD 3's: F.sdpa inside
+DISPATCHING_PROCESSORS = ("FluxAttnProcessor",)  # call diffusers' dispatcher themselves
+
+
 def route(pipe, router: Router) -> Router:
-    """Put a routed processor on every attention module of the parts its family routes (SD: UNet and VAE)."""
-    from diffusers.models import attention_processor
+    """Route every attention module of the parts its family routes (the denoiser and the VAE), each by the way its
+    stock processor computes attention."""
+    import copy
+    import sys
+
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
     family = families.of_pipeline(pipe)
-    replaceable = (RoutedAttnProcessor, *(getattr(attention_processor, name) for name in family.processors))
     for part in family.routed:
         model = getattr(pipe, part, None)
         if model is None:
             continue
         for name, module in model.named_modules():
-            if not isinstance(module, Attention):
+            if not isinstance(module, (Attention, AttentionModuleMixin)):
                 continue
-            if not isinstance(module.processor, replaceable):
-                raise RoutingError(f"{part}.{name} uses {type(module.processor).__name__}, which sdcli does not "
-                                   "route; only diffusers' standard attention processors can be replaced")
-            module.set_processor(RoutedAttnProcessor(router, router.plan(f"{part}.{name}", module)))
+            stock = stock_processor(module)
+            kind, where = type(stock).__name__, f"{part}.{name}"
+            if kind not in family.processors:
+                raise RoutingError(f"{where} uses {kind}, which sdcli does not route; only diffusers' standard "
+                                   "attention processors can be replaced")
+            if kind in JOINT_PROCESSORS:  # SD 3.5 Medium's second attention has no text: self-attention
+                attention = "self" if module.added_kv_proj_dim is None else "joint"
+                module.set_processor(RoutedJointAttnProcessor(router, router.plan(where, module, attention), stock))
+            elif kind in DISPATCHING_PROCESSORS:  # Flux: double blocks join text and image, single blocks get
+                divert_dispatcher(sys.modules[type(stock).__module__])  # them joined
+                processor = copy.copy(stock)  # a processor of its own, even if diffusers shared one
+                processor._attention_backend = Route(router, router.plan(where, module, "joint"), stock)
+                module.set_processor(processor)
+            else:
+                attention = "cross" if module.is_cross_attention else "self"
+                module.set_processor(RoutedAttnProcessor(router, router.plan(where, module, attention), stock))
     return router
 
 
 def unroute(pipe) -> None:
-    """Back to diffusers' stock processor (AttnProcessor2_0) everywhere sdcli routed."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
+    """Give every module sdcli routed the processor it had before."""
     for part in families.of_pipeline(pipe).routed:
         model = getattr(pipe, part, None)
-        if model is not None:
-            model.set_attn_processor(AttnProcessor2_0())
+        for module in model.modules() if model is not None else []:
+            if hasattr(module, "processor") and hasattr(module, "set_processor"):
+                module.set_processor(stock_processor(module))
 
 
 def processors(pipe) -> dict:

@@ -45,7 +45,7 @@ def serves_text(serves: dict | None) -> str:
         return ""
     partial = {f: v for f, v in serves.items() if v["ok"] < v["of"]}
     if not partial:
-        return "serves every SD 1.x/2.x/XL and VAE layer"
+        return "serves every layer of SD 1.x to 3.5, Flux.1 and the VAE"
     return "\n".join(f"{f}: {v['ok']}/{v['of']} layer shapes ({'; '.join(v['refused'])})" for f, v in partial.items())
 
 
@@ -342,9 +342,10 @@ def bench_progress(quiet: bool):
 
 def print_bench(r: dict) -> None:
     from sdcli.backends import Shape
+    from sdcli.bench import guidance_label
 
-    t = Table(title=f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, CFG {r['guidance']:g}, {r['dtype']} on "
-                    f"{r['gpu']}: images/s (whole pipeline, median of {r['repeats']})", title_justify="left",
+    t = Table(title=f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, {guidance_label(r)}, {r['dtype']} "
+                    f"on {r['gpu']}: images/s (whole pipeline, median of {r['repeats']})", title_justify="left",
               box=box.SIMPLE_HEAD)
     t.add_column("configuration")
     for b in r["batch_sizes"]:
@@ -364,7 +365,7 @@ def print_bench(r: dict) -> None:
                   str(c["largest_batch"]) if c.get("largest_batch") is not None else "-", _fmt(peak, ".2f"))
     out.print(t)
     if r.get("attention"):
-        a = Table(title="Attention kernels alone at the model's shapes (batch = 1 image with CFG): ms, TFLOP/s",
+        a = Table(title="Attention kernels alone at the model's shapes (batch = 1 image, 2 with CFG): ms, TFLOP/s",
                   title_justify="left", box=box.SIMPLE_HEAD)
         for col in ("shape", "batch", "fastest first (✗ = outside its accuracy bound)"):
             a.add_column(col, overflow="fold")

@@ -128,6 +128,37 @@ def test_architecture_models_have_the_published_attention_shapes(name, expected)
     assert round(params) == {"sd15-arch": 860, "sdxl-arch": 2567}[name]
 
 
+@pytest.mark.parametrize("name, expected, layers, billions", [
+    # 1024²: 4096 image tokens; SD 3 adds 77 CLIP + 256 T5 text tokens, Flux 512 T5 tokens. Medium's first 13
+    # blocks have a second attention over the image tokens alone. VAE mid-block: 1 × 512 at 128² latents.
+    ("sd35-medium-arch", {(24, 64, 4429, 4429), (24, 64, 4096, 4096), (1, 512, 16384, 16384)}, 24 + 13, 2.24),
+    ("sd35-large-arch", {(38, 64, 4429, 4429), (1, 512, 16384, 16384)}, 38, 8.06),
+    ("flux-dev-arch", {(24, 128, 4608, 4608), (1, 512, 16384, 16384)}, 19 + 38, 11.9),
+])
+def test_transformer_architectures_have_the_published_attention_shapes(name, expected, layers, billions):
+    """As above, for the MMDiT and Flux transformers: one denoising call with CFG's batch of 2 (SD 3) or 1."""
+    from sdcli import backends, models, routing
+
+    pipe = models.architecture(name, "meta")
+    router = routing.route(pipe, routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa"))
+    latent = models.ARCHITECTURES[name]["size"] // 8
+    meta = lambda *shape: torch.zeros(*shape, device="meta")  # noqa: E731
+    with torch.no_grad():
+        if name == "flux-dev-arch":  # latents packed 2×2 into 64 channels
+            tokens = (latent // 2) ** 2
+            pipe.transformer(meta(1, tokens, 64), encoder_hidden_states=meta(1, 512, 4096),
+                             pooled_projections=meta(1, 768), timestep=meta(1), img_ids=meta(tokens, 3),
+                             txt_ids=meta(512, 3), guidance=meta(1))
+        else:
+            pipe.transformer(meta(2, 16, latent, latent), encoder_hidden_states=meta(2, 333, 4096),
+                             pooled_projections=meta(2, 2048), timestep=meta(2))
+        pipe.vae.decode(meta(1, 16, latent, latent))
+    assert {(s.heads, s.head_dim, s.q_len, s.kv_len) for s in routing.seen_shapes(router)} == expected
+    transformer = [l for l in router.layers if l.name.startswith("transformer.")]
+    assert len(transformer) == layers and all(l.calls for l in transformer)  # every one called, and counted
+    assert round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2 if billions < 10 else 1) == billions
+
+
 def test_speed_options_keep_routing_and_the_image(cli, tmp_path):
     base = cli.json("generate", "a cat", "--model", "tiny", "--steps", "2", "--seed", "3", "--backend", "sdpa",
                     "-o", tmp_path / "a")
