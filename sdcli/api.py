@@ -117,11 +117,8 @@ def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars"
     from sdcli import compare as comparison
     from sdcli import pipeline
 
-    thresholds = comparison.Thresholds()
-    if exact_tol is not None:
-        thresholds.exact_tol = exact_tol
-    if quantized_tol is not None:
-        thresholds.quantized_tol = quantized_tol
+    given = {"exact_tol": exact_tol, "quantized_tol": quantized_tol}
+    thresholds = comparison.Thresholds(**{k: v for k, v in given.items() if v is not None})  # checked there
     settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                  width=width, height=height, seed=seed, backend=reference, output_dir=None)
     run = pipeline.wrap(pipe, settings, machine_report(device_of(pipe)))

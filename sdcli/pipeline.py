@@ -8,6 +8,7 @@ batch starts, and no existing file is ever overwritten.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -15,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, backends, families, first_line, hardware, numerics, timing
+from sdcli import SdcliError, backends, families, first_line, hardware, numerics, timing, validate
 from sdcli.images import recipe, save_png
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
@@ -66,6 +67,9 @@ class Settings:
         """Every check that needs no model: bad input fails here, before anything loads."""
         if not self.prompts or any(not p.strip() for p in self.prompts):
             raise SdcliError("give a prompt, or --prompts-file with one prompt per line")
+        if not self.model.strip():
+            raise SdcliError("--model is empty; give tiny, a Hub id, a folder or a checkpoint file")
+        validate.device(self.device)
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % 8):
@@ -73,8 +77,8 @@ class Settings:
         for name in ("steps", "batch_size", "num_images"):
             if getattr(self, name) < 1:
                 raise SdcliError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.guidance < 0:
-            raise SdcliError(f"--guidance must be ≥ 0, not {self.guidance}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise SdcliError(f"--guidance must be a finite number ≥ 0, not {self.guidance}")
         if self.seed is not None and not 0 <= self.seed < 2**63 - len(self.prompts) * self.num_images:
             raise SdcliError(f"--seed must be between 0 and 2**63, not {self.seed}")
         if self.scheduler != "default" and self.scheduler not in SCHEDULERS:

@@ -12,6 +12,7 @@ import sys
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sdcli import SdcliError
@@ -26,11 +27,11 @@ def emit_json(data) -> None:
 
 
 def error(text: str) -> None:
-    err.print(f"[red]error:[/] {text}", soft_wrap=True)
+    err.print(f"[red]error:[/] {escape(text)}", soft_wrap=True)  # a path like out[1] is text, not markup
 
 
 def warning(text: str) -> None:
-    err.print(f"[yellow]warning:[/] {text}", soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:
