@@ -182,7 +182,8 @@ class Run:
             "settings": settings_json(self.settings),
             "images": [r.to_json() for r in self.images],
             "output_dir": str(self.settings.output_dir),
-            "model": self.model_name, "device": self.device, "dtype": self.dtype, "vae_dtype": self.vae_dtype,
+            "model": self.model_name, "width": self.size[0], "height": self.size[1], "device": self.device,
+            "dtype": self.dtype, "vae_dtype": self.vae_dtype,
             "sampler": self.sampler, "backend": self.settings.backend,
             "seconds": round(self.seconds, 3), "load_seconds": round(self.load_seconds, 3),
             "seconds_per_image": round(self.seconds / n, 4) if n else None,
@@ -394,11 +395,13 @@ def render(run: Run, batch: list[Item], on_step=None, steps: int | None = None):
             on_step(step, kwargs["latents"])
         return kwargs
 
+    # both sides, always: diffusers' SD pipeline replaces a lone width (or height) with its default size
+    width, height = run.size
     with torch.inference_mode():
         latents = pipe(
             prompt=[item.prompt for item in batch],
             negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
-            num_inference_steps=steps or s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,
+            num_inference_steps=steps or s.steps, guidance_scale=s.guidance, width=width, height=height,
             generator=generators, output_type="latent", callback_on_step_end=step_end,
         ).images
         bad_latents = [bool(torch.isnan(x).any()) for x in latents]

@@ -1,10 +1,13 @@
-"""Nothing gets past sdcli unjudged: bad option values and usage errors, saved reports of the wrong shape."""
+"""Nothing gets past sdcli unjudged: bad option values and usage errors, saved reports of the wrong shape, a size
+given on one side only."""
 
 import json
 
 import pytest
+from PIL import Image
 
 from conftest import REPORTS, run_sdcli
+from sdcli.images import read_parameters, read_recipe
 
 
 H100 = json.loads((REPORTS / "h100.json").read_text())
@@ -107,3 +110,14 @@ def test_saved_report_of_wrong_types_names_the_field(cli, tmp_path, change, fiel
     path.write_text(json.dumps({"report": {**H100, **change}, "verdicts": {}}))  # as `sdcli doctor --json` saves it
     result = cli("doctor", "--report", path, code=2)
     one_line(result.stderr, f"{path} is not a valid sdcli report: {field}")
+
+
+@pytest.mark.parametrize("given, size", [(["--width", "64"], (64, 128)), (["--height", "64"], (128, 64))])
+def test_one_side_of_the_size_is_honoured_and_the_recipe_says_what_was_made(cli, tmp_path, given, size):
+    data = cli.json("generate", "a cat", "--model", "tiny", "--steps", "1", "--seed", "1", "--no-tune", *given,
+                    "-o", tmp_path)
+    path = data["images"][0]["file"]
+    with Image.open(path) as im:
+        assert im.size == size
+    assert read_parameters(path)["Size"] == f"{size[0]}x{size[1]}"
+    assert (read_recipe(path)["width"], read_recipe(path)["height"]) == size == (data["width"], data["height"])
