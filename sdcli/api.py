@@ -99,7 +99,8 @@ def unroute(pipe) -> None:
 def doctor(device: str | None = None, dtype: str | None = None, probe: bool = False, report: str | Path | None = None,
            on_progress=None) -> dict:
     """What this machine (or a saved `report`) can run: the same dict as `sdcli doctor --json`, with keys
-    report, verdicts, probe (with `probe=True`: each usable backend measured at SD's shapes) and plans."""
+    report, verdicts, probe (with `probe=True`: each usable backend measured at SD's shapes), plans and
+    skipped_cache_files (files in auto's plan cache that are not plans, and why)."""
     from sdcli import doctor as diagnosis
 
     return diagnosis.diagnose(Path(report) if report else None, probe, device, dtype, on_progress)

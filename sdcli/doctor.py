@@ -104,8 +104,9 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
     probed = probe(data, verdicts, on_progress) if probe_kernels else None
     from sdcli import tuning  # loads torch: after the checks, so that bad input fails fast
 
-    plans = [] if report else tuning.cached_plans(data, device)  # plans measured on this machine
-    return {"report": data, "verdicts": verdicts, "probe": probed, "plans": plans}
+    # plans measured on this machine, and the cache files that are not plans
+    plans, skipped = ([], []) if report else tuning.cached_plans(data, device)
+    return {"report": data, "verdicts": verdicts, "probe": probed, "plans": plans, "skipped_cache_files": skipped}
 
 
 callable_module(__name__, "doctor")  # `sdcli.doctor(...)` stays the API function once this module is imported

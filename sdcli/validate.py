@@ -1,5 +1,5 @@
 """What comes in from outside, checked before it is used: option values, and the JSON sdcli reads back
-(a saved doctor report). A bad value is one line naming the option or the field.
+(a saved doctor report, a cached plan). A bad value is one line naming the option or the field.
 
 Kept light (no torch): the CLI imports it at start-up.
 """
@@ -164,3 +164,19 @@ def report(data: dict, path) -> dict:
     except Invalid as exc:
         raise SdcliError(f"{path} is not a valid sdcli report: {exc}") from None
     return data
+
+
+def measurement(value, where: str) -> None:
+    check(value, {"backend": Need(str), "ok": Need(bool), "ms": float}, where)
+    if value["ok"] and "ms" not in value:
+        raise Invalid(f"{where}.ms: missing (a measurement within its bound has a time)")
+
+
+# What `--backend auto` and `sdcli doctor` read from a cached plan (see tuning.load_or_tune, which writes it).
+SHAPE = {"heads": Need(int), "head_dim": Need(int), "q_len": maybe(int), "kv_len": maybe(int), "dtype": str,
+         "mask": bool, "batch": maybe(int), ...: None}  # backends.Shape(**shape): no other fields
+PLAN = {
+    "key": Need({"machine": Need(str), "model": Need(str), "width": Need(int), "height": Need(int),
+                 "batch_size": Need(int), "dtype": Need(str)}),
+    "shapes": Need([{"shape": Need(SHAPE), "choice": maybe(str), "measurements": Need([measurement])}]),
+}

@@ -1,7 +1,10 @@
-"""Nothing gets past sdcli unjudged: bad option values and usage errors, saved reports of the wrong shape, a size
-given on one side only."""
+"""Nothing gets past sdcli unjudged: bad option values and usage errors, saved reports of the wrong shape, damaged
+files in auto's plan cache, a size given on one side only."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -121,3 +124,74 @@ def test_one_side_of_the_size_is_honoured_and_the_recipe_says_what_was_made(cli,
         assert im.size == size
     assert read_parameters(path)["Size"] == f"{size[0]}x{size[1]}"
     assert (read_recipe(path)["width"], read_recipe(path)["height"]) == size == (data["width"], data["height"])
+
+
+# ----- auto's plan cache: advisory, never fatal -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def measured_plan(tmp_path_factory):
+    """A plan file measured once for the run below (tiny model, 1 step), to damage in each test."""
+    cache = tmp_path_factory.mktemp("cache")
+    result = run_sdcli(*PLAN_RUN, "-o", cache / "out", "--json", env={"SDCLI_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr
+    return Path(json.loads(result.stdout)["tuning"]["path"])
+
+
+PLAN_RUN = ["generate", "a cat", "--model", "tiny", "--steps", "1", "--seed", "1"]
+
+
+def random_bytes(path):
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+def json_list(path):
+    path.write_text("[1, 2, 3]")
+
+
+def wrong_types(path):  # this run's own key, so only the types say it is not a plan
+    plan = json.loads(path.read_text())
+    plan["shapes"][0]["measurements"] = [{"backend": "sdpa", "ok": "yes"}]
+    path.write_text(json.dumps(plan))
+
+
+def folder(path):
+    path.unlink()
+    path.mkdir()
+
+
+def unreadable(path):  # a link to itself: unreadable even for root, whom chmod doesn't stop
+    path.unlink()
+    os.symlink(path.name, path)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (random_bytes, "not text"),
+    (json_list, "not an sdcli plan: the document: expected an object, found a list"),
+    (wrong_types, "not an sdcli plan: shapes[0].measurements[0].ok: expected true or false, found the text 'yes'"),
+    (folder, "a folder, not a plan"),
+    (unreadable, "unreadable: Too many levels of symbolic links"),
+])
+def test_damaged_plan_is_listed_by_doctor_then_measured_again_and_replaced(cli, tmp_path, monkeypatch, measured_plan,
+                                                                         damage, why):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    path = plans / measured_plan.name
+    shutil.copy(measured_plan, path)
+    damage(path)
+    (plans / "notes.json").write_text('{"not": "a plan"}')  # a foreign file: skipped, left alone
+    monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path))
+
+    doctor = cli.json("doctor")
+    assert doctor["skipped_cache_files"] == [{"path": str(path), "why": why},
+                                             {"path": str(plans / "notes.json"), "why": "not an sdcli plan: key: missing"}]
+    assert f"Skipped in auto's plan cache: {path}: {why}" in cli("doctor").stdout
+
+    data = cli.json(*PLAN_RUN, "-o", tmp_path / "out")
+    assert data["tuning"]["cached"] is False and data["tuning"]["path"] == str(path)  # measured again
+    if damage is folder:  # not sdcli's to delete: the plan serves this run unsaved, and says so
+        assert data["tuning"]["not_saved"] == "Is a directory" and path.is_dir()
+    else:
+        assert json.loads(path.read_text())["key"] == data["tuning"]["key"]  # replaced
+        assert cli.json(*PLAN_RUN, "-o", tmp_path / "out")["tuning"]["cached"] is True
+        assert [f["path"] for f in cli.json("doctor")["skipped_cache_files"]] == [str(plans / "notes.json")]
