@@ -1,5 +1,5 @@
 """Nothing gets past sdcli unjudged: bad option values and usage errors, saved reports of the wrong shape, damaged
-files in auto's plan cache, a size given on one side only."""
+files in auto's plan cache, a size given on one side only, and `--resume` with other settings."""
 
 import json
 import os
@@ -195,3 +195,41 @@ def test_damaged_plan_is_listed_by_doctor_then_measured_again_and_replaced(cli, 
         assert json.loads(path.read_text())["key"] == data["tuning"]["key"]  # replaced
         assert cli.json(*PLAN_RUN, "-o", tmp_path / "out")["tuning"]["cached"] is True
         assert [f["path"] for f in cli.json("doctor")["skipped_cache_files"]] == [str(plans / "notes.json")]
+
+
+# ----- --resume: done means made with every setting that changes the pixels ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume")
+    result = run_sdcli(*RESUME_RUN, "-o", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+RESUME_RUN = ["generate", "a cat", "--model", "tiny", "--steps", "1", "--seed", "5", "--no-tune"]
+
+
+@pytest.mark.parametrize("changed, setting, theirs, ours", [
+    (["--width", "64"], "width", None, 64),
+    (["--height", "64"], "height", None, 64),
+    (["--batch-size", "2"], "batch_size", 1, 2),
+    (["--dtype", "bf16"], "dtype", "'auto'", "'bf16'"),
+    (["--vae-dtype", "fp32"], "vae_dtype", "'auto'", "'fp32'"),
+    (["--device", "cpu"], "device", "'auto'", "'cpu'"),
+    (["--backend", "sdpa"], "backend", "'auto'", "'sdpa'"),
+    (["--fallback"], "fallback", False, True),
+    (["--quantized"], "quantized", False, True),
+    (["--tune"], "tune", False, True),
+    (["--fuse-qkv"], "fuse_qkv", False, True),
+    (["--channels-last"], "channels_last", False, True),
+    (["--compile"], "compile", False, True),
+    (["--model", "sd15-arch"], "model", "'tiny'", "'sd15-arch'"),
+])
+def test_resume_counts_an_image_done_only_when_every_pixel_setting_matches(cli, first_run, changed, setting, theirs,
+                                                                           ours):
+    [image] = first_run.glob("*.png")
+    result = cli(*RESUME_RUN, *changed, "-o", first_run, "--resume", code=2)
+    assert f"--resume: {image} was made with {setting} {theirs}, this run has {ours}" in result.output
+    assert [p.name for p in first_run.glob("*.png")] == [image.name]  # nothing made, nothing removed
