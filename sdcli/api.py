@@ -99,7 +99,8 @@ def unroute(pipe) -> None:
 def doctor(device: str | None = None, dtype: str | None = None, probe: bool = False, report: str | Path | None = None,
            on_progress=None) -> dict:
     """What this machine (or a saved `report`) can run: the same dict as `sdcli doctor --json`, with keys
-    report, verdicts, probe (with `probe=True`: each usable backend measured at SD's shapes) and plans."""
+    report, verdicts, probe (with `probe=True`: each usable backend measured at SD's shapes), plans and
+    skipped_cache_files (files in auto's plan cache that are not plans, and why)."""
     from sdcli import doctor as diagnosis
 
     return diagnosis.diagnose(Path(report) if report else None, probe, device, dtype, on_progress)
@@ -117,11 +118,8 @@ def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars"
     from sdcli import compare as comparison
     from sdcli import pipeline
 
-    thresholds = comparison.Thresholds()
-    if exact_tol is not None:
-        thresholds.exact_tol = exact_tol
-    if quantized_tol is not None:
-        thresholds.quantized_tol = quantized_tol
+    given = {"exact_tol": exact_tol, "quantized_tol": quantized_tol}
+    thresholds = comparison.Thresholds(**{k: v for k, v in given.items() if v is not None})  # checked there
     settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                  width=width, height=height, seed=seed, backend=reference, output_dir=None)
     run = pipeline.wrap(pipe, settings, machine_report(device_of(pipe)))

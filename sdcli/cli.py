@@ -10,24 +10,38 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from sdcli import SdcliError, __version__, views
+from sdcli import SdcliError, __version__, validate, views
 
 # flex warns on every eager call; `sdcli doctor` already labels it "slow unless compiled"
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
+# click's UsageError (a bad value, an unknown option or command, a missing value), wherever this typer takes
+# click from (typer 0.29 has its own copy): BadParameter's base.
+UsageError = typer.BadParameter.__mro__[1]
+
+
 class Group(TyperGroup):
-    """Bad input is one line on stderr and a non-zero exit, never a traceback (SDCLI_DEBUG=1 shows it)."""
+    """Bad input is one line on stderr and a non-zero exit, never a traceback (SDCLI_DEBUG=1 shows it); usage
+    errors too, instead of typer's boxed usage text."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as exc:
+            usage_error(exc)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
+        except UsageError as exc:
+            usage_error(exc)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits
             raise
         except SdcliError as exc:
             if str(exc):  # an interrupted run has said what it kept already
@@ -38,6 +52,15 @@ class Group(TyperGroup):
                 raise
             views.error(f"{type(exc).__name__}: {exc}  (SDCLI_DEBUG=1 shows the traceback)")
             raise typer.Exit(1) from None
+
+
+def usage_error(exc) -> NoReturn:
+    """One line, like sdcli's own errors; exit 2. `sdcli` alone still shows the help (NoArgsIsHelpError)."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        raise exc
+    where = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+    views.error(f"{exc.format_message()}{where}")
+    raise typer.Exit(exc.exit_code) from None
 
 
 app = typer.Typer(
@@ -112,7 +135,7 @@ NegativeOpt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", h
 StepsOpt = Annotated[int, typer.Option(help="Denoising steps.")]
 GuidanceOpt = Annotated[Optional[float], typer.Option(
     help="Guidance scale; default: the pipeline's own. Classifier-free guidance (doubles the denoiser's batch) for SD "
-         "1.x to 3.5; for Flux, the distilled guidance the model takes as an input.")]
+         "1.x to 3.5; for Flux, the distilled guidance the model takes as an input.", callback=validate.finite)]
 WidthOpt = Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")]
 HeightOpt = Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")]
 SchedulerOpt = Annotated[str, typer.Option(
@@ -207,9 +230,11 @@ def compare(
         "--backends", help="Comma-separated backends to compare; default: every one usable here.")] = None,
     reference: Annotated[str, typer.Option(help="The backend the others are compared with.")] = "sdpa-math",
     exact_tol: Annotated[float, typer.Option(
-        help="Exact kernels may err at most this many times as much as plain attention in the run's dtype.")] = 2.0,
+        help="Exact kernels may err at most this many times as much as plain attention in the run's dtype.",
+        callback=validate.finite)] = 2.0,
     quantized_tol: Annotated[float, typer.Option(
-        help="Quantized kernels may err at most this much (relative L2 error at kernel level).")] = 0.1,
+        help="Quantized kernels may err at most this much (relative L2 error at kernel level).",
+        callback=validate.finite)] = 0.1,
     steps: StepsOpt = 30,
     guidance: GuidanceOpt = None,
     width: WidthOpt = None,
@@ -226,9 +251,8 @@ def compare(
     from sdcli import compare as cmp
     from sdcli import pipeline
 
-    if exact_tol <= 0 or quantized_tol <= 0:
-        raise SdcliError("--exact-tol and --quantized-tol must be positive")
-    names = parse_names(backends_)
+    thresholds = cmp.Thresholds(exact_tol, quantized_tol)
+    names = validate.names(backends_, "--backends")
     settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, model=model, steps=steps,
                                  guidance=guidance, width=width, height=height, seed=seed, scheduler=scheduler,
                                  dtype=dtype, vae_dtype=vae_dtype, device=device, backend=reference,
@@ -236,7 +260,7 @@ def compare(
     settings.validate()
     spinner, on_progress = views.status("comparing", quiet)
     with spinner:
-        result = cmp.compare(settings, names, reference, cmp.Thresholds(exact_tol, quantized_tol), on_progress)
+        result = cmp.compare(settings, names, reference, thresholds, on_progress)
     result = cmp.save(result, output_dir)
     if json_out:
         views.emit_json(result)
@@ -246,21 +270,6 @@ def compare(
 
 
 # ----- bench --------------------------------------------------------------------------------------------
-
-
-def parse_ints(text: str, option: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SdcliError(f"{option} takes comma-separated whole numbers, like 1,2,4,8; not {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise SdcliError(f"{option} needs positive numbers, not {text!r}")
-    return sorted(set(values))
-
-
-def parse_names(text: str | None) -> list[str] | None:
-    """--backends a,b: the names, or None for the default."""
-    return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
 @app.command()
@@ -293,10 +302,10 @@ def bench(
     from sdcli import bench as bn
     from sdcli import pipeline
 
-    sizes = parse_ints(batch_sizes, "--batch-sizes")
+    sizes = validate.whole_numbers(batch_sizes, "--batch-sizes")
     if repeats < 1 or max_batch < 1:
         raise SdcliError("--repeats and --max-batch must be at least 1")
-    names = parse_names(backends_)
+    names = validate.names(backends_, "--backends")
     options = tuple(o for o, on in (("fuse-qkv", fuse_qkv), ("channels-last", channels_last), ("compile", compile_)) if on)
     settings = pipeline.Settings(prompts=["a photo of an astronaut riding a horse on mars"], model=model, steps=steps,
                                  guidance=guidance, width=width, height=height, seed=0, dtype=dtype,

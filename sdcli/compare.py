@@ -16,6 +16,7 @@ is that backend's alone.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, pipeline, routing, timing
@@ -33,6 +34,11 @@ class CompareFailed(SdcliError):
 class Thresholds:
     exact_tol: float = numerics.EXACT_TOL          # × the rounding error of plain attention in the run's dtype
     quantized_tol: float = numerics.QUANTIZED_TOL  # relative L2 error (SageAttention 2 reports ~0.01-0.05)
+
+    def __post_init__(self):
+        if not all(math.isfinite(t) and t > 0 for t in (self.exact_tol, self.quantized_tol)):
+            raise SdcliError(f"--exact-tol and --quantized-tol must be positive, finite numbers, not "
+                             f"{self.exact_tol} and {self.quantized_tol}")
 
 
 class CapturingRouter(routing.Router):

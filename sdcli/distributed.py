@@ -82,12 +82,11 @@ def device_for(ranks: Ranks, requested: str | None) -> str | None:
 
 # ----- --resume: what is already done -------------------------------------------------------------------
 
-SAME_SETTINGS = ("negative_prompt", "steps", "guidance", "scheduler")  # an image made otherwise is not this run's
-
-
 def finished(items: list, settings) -> dict[int, Path]:
     """Items already done: `<stem>.png` is a complete PNG whose recipe is this item's. Removes these items'
     leftover temp files and broken `<stem>.png`s, so each item left is made again under its own name."""
+    from sdcli.images import PIXEL_SETTINGS, pixel_settings
+
     folder = settings.output_dir
     names = set(os.listdir(folder))
     stems = {item.stem: item for item in items}
@@ -106,10 +105,13 @@ def finished(items: list, settings) -> dict[int, Path]:
         if not recipe:
             raise SdcliError(f"--resume: {path} is in the way: a PNG that sdcli did not make; move it, or write "
                              "to another --output-dir")
-        theirs = {key: recipe.get(key) for key in ("item", "seed", "prompt", *SAME_SETTINGS)}
-        ours = {"item": item.index, "seed": item.seed, "prompt": item.prompt,
-                **{key: getattr(settings, key) for key in SAME_SETTINGS}}
-        if theirs != ours:
+        if not isinstance(recipe.get("settings"), dict):
+            raise SdcliError(f"--resume: {path}'s recipe doesn't record the settings that decide its pixels (made "
+                             "by an older sdcli); write to another --output-dir")
+        theirs = {"item": recipe.get("item"), "seed": recipe.get("seed"), "prompt": recipe.get("prompt"),
+                  **{key: recipe["settings"].get(key) for key in PIXEL_SETTINGS}}
+        ours = {"item": item.index, "seed": item.seed, "prompt": item.prompt, **pixel_settings(settings)}
+        if theirs != ours:  # an image made otherwise has other pixels: not this run's
             key = next(k for k in ours if theirs[k] != ours[k])
             raise SdcliError(f"--resume: {path} was made with {key} {theirs[key]!r}, this run has {ours[key]!r}; "
                              "resume with the settings of the first run, or write to another --output-dir")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdcli import SdcliError, callable_module, hardware, numerics, timing
+from sdcli import SdcliError, callable_module, hardware, numerics, timing, validate
 from sdcli.backends import BROKEN, Backend, Shape, all_backends, plugin_errors, usable_here
 from sdcli.hardware import Machine
 
@@ -91,26 +91,27 @@ def load_report(path: Path) -> dict:
         data = data["report"]
     if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("sdcli.report/"):
         raise SdcliError(f"{path} is not an sdcli report (make one with: sdcli doctor --json > report.json)")
-    return data
+    return validate.report(data, path)
 
 
 def diagnose(report: Path | None = None, probe_kernels: bool = False, device: str | None = None,
              dtype: str | None = None, on_progress=None) -> dict:
     """The whole doctor report: the machine (probed now, or read from `report`), every backend's verdict, the
     probe's measurements (if asked) and the measured plans cached for this machine."""
-    from sdcli import tuning
-
-    if dtype and dtype not in numerics.DTYPES:
+    if dtype is not None and dtype not in numerics.DTYPES:
         raise SdcliError(f"--dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
-    if device and not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise SdcliError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    validate.device(device, auto=False)
     if report and probe_kernels:
         raise SdcliError("--probe runs kernels on this machine; it can't be combined with --report")
     data = load_report(report) if report else hardware.probe()
+    validate.gpu_in_report(device, data)
     verdicts = assess(data, device, dtype)
     probed = probe(data, verdicts, on_progress) if probe_kernels else None
-    plans = [] if report else tuning.cached_plans(data, device)  # plans measured on this machine
-    return {"report": data, "verdicts": verdicts, "probe": probed, "plans": plans}
+    from sdcli import tuning  # loads torch: after the checks, so that bad input fails fast
+
+    # plans measured on this machine, and the cache files that are not plans
+    plans, skipped = ([], []) if report else tuning.cached_plans(data, device)
+    return {"report": data, "verdicts": verdicts, "probe": probed, "plans": plans, "skipped_cache_files": skipped}
 
 
 callable_module(__name__, "doctor")  # `sdcli.doctor(...)` stays the API function once this module is imported

@@ -33,6 +33,22 @@ def attention_summary(router) -> str:
                      for b, parts in per.items())
 
 
+# What decides an image's pixels besides its prompt and seed: the README's "same seed, backend, batch size and
+# machine: the same pixels", and every option that changes what runs (model, size, steps, dtypes, scheduler,
+# speed options, ...). The recipe keeps them as given; --resume counts an image as done only when all match.
+PIXEL_SETTINGS = ("model", "negative_prompt", "steps", "guidance", "width", "height", "scheduler", "dtype",
+                  "vae_dtype", "device", "backend", "fallback", "quantized", "tune", "batch_size", "compile",
+                  "channels_last", "fuse_qkv")
+
+
+def pixel_settings(settings) -> dict:
+    """PIXEL_SETTINGS of a pipeline.Settings, as given."""
+    data = {name: getattr(settings, name) for name in PIXEL_SETTINGS}
+    # cpu, or auto for any GPU: a launcher gives each rank its own cuda:N, and the same GPU makes the same pixels
+    data["device"] = "cpu" if settings.device == "cpu" else "auto"
+    return data
+
+
 def recipe(run, item) -> dict:
     """Everything that made `item` in `run` (a pipeline.Run): settings, model, attention, versions."""
     s = run.settings
@@ -46,6 +62,7 @@ def recipe(run, item) -> dict:
         "fallback": s.fallback, "quantized": s.quantized, "attention": attention_summary(run.router),
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "device": run.device,
         "gpu": hardware.Machine(run.report, run.device).gpu_label, "batch_size": s.batch_size,
+        "settings": pixel_settings(s),
         "versions": {"sdcli": __version__, **{k: v.get("version") for k, v in run.report.get("packages", {}).items()
                                               if v.get("version")}},
     }

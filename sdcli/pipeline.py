@@ -8,6 +8,7 @@ batch starts, and no existing file is ever overwritten.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -15,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, backends, families, first_line, hardware, numerics, timing
+from sdcli import SdcliError, backends, families, first_line, hardware, numerics, timing, validate
 from sdcli.images import recipe, save_png
 
 SCHEDULER_NAMES = list(dict.fromkeys(name for f in families.FAMILIES for name in f.schedulers))  # every family's
@@ -67,6 +68,9 @@ class Settings:
         """Every check that needs no model: bad input fails here, before anything loads."""
         if not self.prompts or any(not p.strip() for p in self.prompts):
             raise SdcliError("give a prompt, or --prompts-file with one prompt per line")
+        if not self.model.strip():
+            raise SdcliError("--model is empty; give tiny, a Hub id, a folder or a checkpoint file")
+        validate.device(self.device)
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % 8):
@@ -74,8 +78,8 @@ class Settings:
         for name in ("steps", "batch_size", "num_images"):
             if getattr(self, name) < 1:
                 raise SdcliError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        if self.guidance is not None and self.guidance < 0:
-            raise SdcliError(f"--guidance must be ≥ 0, not {self.guidance}")
+        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
+            raise SdcliError(f"--guidance must be a finite number ≥ 0, not {self.guidance}")
         if self.seed is not None and not 0 <= self.seed < 2**63 - len(self.prompts) * self.num_images:
             raise SdcliError(f"--seed must be between 0 and 2**63, not {self.seed}")
         if self.scheduler != "default" and self.scheduler not in SCHEDULER_NAMES:
@@ -179,7 +183,8 @@ class Run:
             "settings": settings_json(self.settings),
             "images": [r.to_json() for r in self.images],
             "output_dir": str(self.settings.output_dir),
-            "model": self.model_name, "device": self.device, "dtype": self.dtype, "vae_dtype": self.vae_dtype,
+            "model": self.model_name, "width": self.size[0], "height": self.size[1], "device": self.device,
+            "dtype": self.dtype, "vae_dtype": self.vae_dtype,
             "sampler": self.sampler, "backend": self.settings.backend,
             "seconds": round(self.seconds, 3), "load_seconds": round(self.load_seconds, 3),
             "seconds_per_image": round(self.seconds / n, 4) if n else None,
@@ -410,11 +415,13 @@ def render(run: Run, batch: list[Item], on_step=None, steps: int | None = None):
             on_step(step, kwargs["latents"])
         return kwargs
 
+    # both sides, always: diffusers' SD pipeline replaces a lone width (or height) with its default size
+    width, height = run.size
     with torch.inference_mode():
         images = pipe(
             prompt=[item.prompt for item in batch],
             negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
-            num_inference_steps=steps or s.steps, guidance_scale=s.guidance, width=s.width, height=s.height,
+            num_inference_steps=steps or s.steps, guidance_scale=s.guidance, width=width, height=height,
             generator=generators, output_type="np", callback_on_step_end=step_end,
         ).images
         bad_latents = torch.isnan(last["latents"].flatten(1)).any(1).tolist()

@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from sdcli import backends, families, routing, timing
+from sdcli import backends, families, routing, timing, validate
 from sdcli.backends import Shape
 from sdcli.hardware import Machine
 
@@ -91,23 +91,21 @@ def load_or_tune(run, one_step, quantized: bool = False, retune: bool = False, o
     `cached` (whether it came from the cache)."""
     key = plan_key(run, quantized)
     path = plan_path(key)
-    if path.is_file() and not retune:
-        try:
-            plan = json.loads(path.read_text())
-            if plan.get("key") == key:
-                return {**plan, "path": str(path), "cached": True}
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged cache file is measured again
+    if not retune:
+        plan, _ = read_plan(path)
+        if plan and plan["key"] == key:
+            return {**plan, "path": str(path), "cached": True}
     machine = Machine(run.report, run.device)
     plan = {"key": key, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "shapes": measure_shapes(collect_shapes(run, one_step), machine, quantized, on_progress)}
-    try:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:  # replaces a damaged file of the same name
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(plan, indent=1))
         os.replace(tmp, path)
-    except OSError:
-        pass  # no writable cache: the plan still serves this run
+    except OSError as exc:  # no writable cache, or a folder by the plan's name: the plan still serves this run
+        tmp.unlink(missing_ok=True)
+        return {**plan, "path": str(path), "cached": False, "not_saved": exc.strerror or str(exc)}
     return {**plan, "path": str(path), "cached": False}
 
 
@@ -116,19 +114,40 @@ def preferences(plan: dict) -> dict:
     return {Shape(**{**e["shape"], "batch": None}).key: e["choice"] for e in plan["shapes"] if e["choice"]}
 
 
-def cached_plans(report: dict, device: str | None = None) -> list[dict]:
-    """The plans measured on this machine (for `sdcli doctor`)."""
+def read_plan(path: Path) -> tuple[dict | None, str | None]:
+    """The plan in `path`, or None and why not. The cache is advisory: a damaged or foreign file (not text, not
+    JSON, not a plan, a folder, unreadable) is never fatal; `auto` measures again and replaces it."""
+    try:
+        if path.is_dir():
+            return None, "a folder, not a plan"
+        plan = json.loads(path.read_bytes().decode())
+        validate.check(plan, validate.PLAN)
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+    except UnicodeDecodeError:
+        return None, "not text"
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON ({exc})"
+    except validate.Invalid as exc:
+        return None, f"not an sdcli plan: {exc}"
+    return plan, None
+
+
+def cached_plans(report: dict, device: str | None = None) -> tuple[list[dict], list[dict]]:
+    """The plans measured on this machine (for `sdcli doctor`), and the files in the cache that were skipped:
+    [{"path", "why"}]."""
     machine = Machine(report, device)
     label = machine.gpu_label if machine.is_cuda else f"CPU {report.get('system', {}).get('cpu')}"
-    plans = []
+    plans, skipped = [], []
     for path in sorted(cache_dir().glob("*.json")):
-        try:
-            plan = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if plan.get("key", {}).get("machine") == label:
+        plan, why = read_plan(path)
+        if why:
+            skipped.append({"path": str(path), "why": why})
+        elif plan["key"]["machine"] == label:
             plans.append({**plan, "path": str(path)})
-    return plans
+    return plans, skipped
 
 
 def summary(plan: dict) -> list[dict]:

@@ -12,6 +12,7 @@ import sys
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sdcli import SdcliError
@@ -26,11 +27,11 @@ def emit_json(data) -> None:
 
 
 def error(text: str) -> None:
-    err.print(f"[red]error:[/] {text}", soft_wrap=True)
+    err.print(f"[red]error:[/] {escape(text)}", soft_wrap=True)  # a path like out[1] is text, not markup
 
 
 def warning(text: str) -> None:
-    err.print(f"[yellow]warning:[/] {text}", soft_wrap=True)
+    err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:
@@ -121,6 +122,9 @@ def print_doctor(result: dict) -> None:
     for plan in result["plans"]:
         out.print(plan_table(plan))
         out.print(f"  {plan['path']}", style="dim", soft_wrap=True)
+    for skipped in result["skipped_cache_files"]:
+        out.print(f"Skipped in auto's plan cache: {skipped['path']}: {skipped['why']}", style="yellow", soft_wrap=True,
+                  markup=False)
 
 
 def probe_progress(enabled: bool):
@@ -233,8 +237,9 @@ def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
             print_attention(summary["attention"], verbose, "rank 0" if ranks > 1 else "")
         if summary.get("tuning"):
             plan = summary["tuning"]
-            out.print(f"Auto's plan: {'cached' if plan['cached'] else 'measured now'}, {plan['path']} (--retune to "
-                      "measure again)", soft_wrap=True)
+            where = f"not saved to {plan['path']} ({plan['not_saved']})" if plan.get("not_saved") else plan["path"]
+            out.print(f"Auto's plan: {'cached' if plan['cached'] else 'measured now'}, {where} (--retune to measure "
+                      "again)", soft_wrap=True, markup=False)
             if verbose:
                 out.print(plan_table(plan))
     if summary["problems"]:

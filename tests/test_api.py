@@ -75,7 +75,7 @@ def test_doctor_is_the_cli_report(cli):
     import sdcli
 
     api = sdcli.doctor()
-    assert set(api) == {"report", "verdicts", "probe", "plans"}
+    assert set(api) == {"report", "verdicts", "probe", "plans", "skipped_cache_files"}
     assert api["verdicts"] == cli.json("doctor")["verdicts"]
 
 
