@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sdcli import kernels
+from sdcli import error_line, kernels
 from sdcli.hardware import Machine
 
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
@@ -90,9 +90,11 @@ def _version_tuple(v: str) -> tuple:
     return tuple(parts)
 
 
-def package(key: str, pip_name: str, min_version: str | None = None, how: str = "",
-            needed_by: str = "diffusers") -> Check:
-    """The package is installed, imports, and is new enough for diffusers' wrapper (or `needed_by`)."""
+def package(key: str, pip_name: str, min_version: str | None = None, how: str = "", needed_by: str = "sdcli",
+            diffusers: str | None = None) -> Check:
+    """The package is installed, imports, and is new enough for `needed_by`; for a backend diffusers serves,
+    diffusers' own requirement check must accept its backend `diffusers` (the report carries diffusers' verdict:
+    sdcli asks diffusers rather than copy its rules)."""
     install = f"pip install '{pip_name}>={min_version}'" if min_version else f"pip install {pip_name}"
     install += how
 
@@ -106,6 +108,12 @@ def package(key: str, pip_name: str, min_version: str | None = None, how: str = 
         if info.get("import_ok") is False:
             return Refusal(BROKEN, f"{pip_name} {info.get('version') or ''} fails to import: {info.get('error')}",
                            f"reinstall it for torch {m.package('torch').get('version')}: {install} --force-reinstall")
+        refusal = m.diffusers_refusal(diffusers) if diffusers else None
+        if refusal:  # diffusers names what it wants as `pkg>=x.y` or in words ("Please build ... from source")
+            wanted = re.search(r"install `([^`]+)`", refusal)
+            fix = f"pip install -U '{wanted.group(1)}'{how}" if wanted else refusal.partition("Please ")[2] or install
+            return Refusal(WRONG_VERSION, f"{pip_name} {info.get('version') or ''} is installed, but diffusers "
+                                          f"can't use it: {refusal}", fix)
         return None
 
     check.__name__ = f"package({key})"
@@ -327,10 +335,17 @@ class Backend:
     checks: list[Check] = field(default_factory=list)
     origin: str = "sdcli"              # or the distribution that registered it
     in_auto: bool = True               # whether measured `auto` and `bench` try it (False: slow by design)
+    release: str | None = None         # a plug-in's distribution version (+ a hash of its files if editable)
 
     def verdict(self, machine: Machine, shape: Shape | None = None) -> Verdict:
         for check in self.checks:
-            refusal = check(machine, shape)
+            try:
+                refusal = check(machine, shape)
+                if refusal is not None and not isinstance(refusal, Refusal):
+                    raise TypeError(f"returned {type(refusal).__name__}, not a Refusal or None")
+            except Exception as exc:  # a plug-in's faulty check is a verdict on that plug-in, not the command's end
+                return Verdict(self.name, BROKEN, f"broken plug-in: its check {getattr(check, '__name__', check)} "
+                                                  f"raised {error_line(exc)}", f"fix or uninstall {self.origin}")
             if refusal:
                 return Verdict(self.name, refusal.status, refusal.reason, refusal.fix)
         return Verdict(self.name, USABLE)
@@ -375,12 +390,38 @@ def load_plugins() -> None:
         try:
             obj = ep.load()
             items = obj() if callable(obj) and not isinstance(obj, Backend) else obj
-            for backend in items if isinstance(items, (list, tuple)) else [items]:
+            items = list(items) if isinstance(items, (list, tuple)) else [items]
+            if not all(isinstance(b, Backend) for b in items):
+                raise TypeError(f"{ep.value} gives {', '.join(type(b).__name__ for b in items)}, not sdcli Backends")
+            for backend in items:
                 if backend.origin == "sdcli":
                     backend.origin = ep.dist.name if ep.dist else ep.value
+                backend.release = release(ep)
                 register(backend)
         except Exception as exc:
-            _PLUGIN_ERRORS[ep.name] = f"{type(exc).__name__}: {exc}"
+            _PLUGIN_ERRORS[ep.name] = f"broken plug-in: {error_line(exc)}"
+
+
+def release(ep) -> str | None:
+    """A plug-in's version, for auto's plan key: its distribution's version, plus a hash of its module files
+    when it is installed editable (its code then changes without a new version)."""
+    import hashlib
+    import json
+    import sys
+    from pathlib import Path
+
+    version = ep.dist.version if ep.dist else None
+    try:
+        editable = json.loads(ep.dist.read_text("direct_url.json") or "{}").get("dir_info", {}).get("editable")
+    except (AttributeError, ValueError):
+        editable = False
+    if not editable:
+        return version
+    module = sys.modules[ep.module.split(".")[0]]  # loaded by ep.load()
+    roots = [Path(p) for p in getattr(module, "__path__", [])] or [Path(module.__file__)]
+    files = sorted(f for root in roots for f in ([root] if root.is_file() else root.rglob("*.py")))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    return f"{version}+src.{digest}"
 
 
 def all_backends() -> list[Backend]:
@@ -429,16 +470,16 @@ for _b in [
     Backend("sdpa-math", "PyTorch SDPA, reference math kernel (slow, the most exact)", diffusers_name="_native_math",
             in_auto=False),  # materialises the whole score matrix: the reference, never the fastest
     Backend("flex", "PyTorch flex_attention (slow unless compiled)", diffusers_name="flex",
-            checks=[torch_at_least("2.5")], in_auto=False),  # eager flex is unfused
+            checks=[package("torch", "torch", diffusers="flex")], in_auto=False),  # eager flex is unfused
     Backend("flex-compiled", "PyTorch flex_attention, compiled once per shape", attention=kernels.flex_compiled,
             checks=[torch_at_least("2.5"), cuda_because(FLEX_ON_CPU),
                     package("triton", "triton", needed_by="torch.compile")]),
     Backend("flash-attn", "FlashAttention-2 (flash-attn package)", diffusers_name="flash",
-            checks=[package("flash_attn", "flash-attn", "2.6.3", FLASH_HOW), cuda, sm_at_least(8, 0),
+            checks=[package("flash_attn", "flash-attn", how=FLASH_HOW, diffusers="flash"), cuda, sm_at_least(8, 0),
                     half, head_dim_at_most(256), no_mask]),
     Backend("flash-attn-3", "FlashAttention-3 for Hopper (flash_attn_interface)", diffusers_name="_flash_3",
-            checks=[package("flash_attn_3", "flash-attn-3", None,
-                            "  (build from flash-attention/hopper; Hopper GPUs only)"),
+            checks=[package("flash_attn_3", "flash-attn-3", how="  (build from flash-attention/hopper; Hopper GPUs only)",
+                            diffusers="_flash_3"),
                     cuda, sm_in((9, 0)), half, head_dim_at_most(256), no_mask]),
     Backend("flash-attn-4", "FlashAttention-4 (flash-attn-4, CuTe DSL)", attention=kernels.flash_attn_4,
             checks=[fa4_installed, cuda, sm_at_least(8, 0), half, fa4_head_dim, no_mask]),
@@ -447,19 +488,20 @@ for _b in [
             checks=[fa4_installed, torch_flash_impl("FA4"), cuda,
                     sm_major_in(9, 10, what=" (torch's FA4 implementation)"), half, fa4_head_dim, no_mask]),
     Backend("xformers", "xFormers memory_efficient_attention", diffusers_name="xformers",
-            checks=[package("xformers", "xformers", "0.0.29"), xformers_ops, cuda, sm_at_least(5, 0)]),
+            checks=[package("xformers", "xformers", diffusers="xformers"), xformers_ops, cuda, sm_at_least(5, 0)]),
     Backend("sage", "SageAttention 2: INT8 QK, fp16/fp8 PV", kind=QUANTIZED, diffusers_name="sage",
-            checks=[package("sageattention", "sageattention", "2.1.1", SAGE2_HOW),
+            checks=[package("sageattention", "sageattention", how=SAGE2_HOW, diffusers="sage"),
                     cuda, sm_in((8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1)),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage-fp8", "SageAttention 2: INT8 QK, FP8 PV (Ada, Blackwell)", kind=QUANTIZED,
             diffusers_name="_sage_qk_int8_pv_fp8_cuda",
-            checks=[package("sageattention", "sageattention", "2.1.1"), cuda, fp8,
+            checks=[package("sageattention", "sageattention", diffusers="_sage_qk_int8_pv_fp8_cuda"), cuda, fp8,
                     sm_in((8, 9), (12, 0), (12, 1), what=" (its SM90 twin is sage-fp8-sm90)"),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage-fp8-sm90", "SageAttention 2: INT8 QK, FP8 PV, Hopper kernel", kind=QUANTIZED,
             diffusers_name="_sage_qk_int8_pv_fp8_cuda_sm90",
-            checks=[package("sageattention", "sageattention", "2.1.1"), cuda, fp8, sm_in((9, 0)),
+            checks=[package("sageattention", "sageattention", diffusers="_sage_qk_int8_pv_fp8_cuda_sm90"), cuda, fp8,
+                    sm_in((9, 0)),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage1", "SageAttention 1 (Triton): INT8 QK, fp16 PV", kind=QUANTIZED, attention=kernels.sage1,
             checks=[package("sageattention", "sageattention", "1.0.6", needed_by="sage1"),
