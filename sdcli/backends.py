@@ -90,11 +90,9 @@ def _version_tuple(v: str) -> tuple:
     return tuple(parts)
 
 
-def package(key: str, pip_name: str, min_version: str | None = None, how: str = "", needed_by: str = "sdcli",
-            diffusers: str | None = None) -> Check:
-    """The package is installed, imports, and is new enough for `needed_by`; for a backend diffusers serves,
-    diffusers' own requirement check must accept its backend `diffusers` (the report carries diffusers' verdict:
-    sdcli asks diffusers rather than copy its rules)."""
+def package(key: str, pip_name: str, min_version: str | None = None, how: str = "",
+            needed_by: str = "diffusers") -> Check:
+    """The package is installed, imports, and is new enough for diffusers' wrapper (or `needed_by`)."""
     install = f"pip install '{pip_name}>={min_version}'" if min_version else f"pip install {pip_name}"
     install += how
 
@@ -108,15 +106,27 @@ def package(key: str, pip_name: str, min_version: str | None = None, how: str = 
         if info.get("import_ok") is False:
             return Refusal(BROKEN, f"{pip_name} {info.get('version') or ''} fails to import: {info.get('error')}",
                            f"reinstall it for torch {m.package('torch').get('version')}: {install} --force-reinstall")
-        refusal = m.diffusers_refusal(diffusers) if diffusers else None
-        if refusal:  # diffusers names what it wants as `pkg>=x.y` or in words ("Please build ... from source")
-            wanted = re.search(r"install `([^`]+)`", refusal)
-            fix = f"pip install -U '{wanted.group(1)}'{how}" if wanted else refusal.partition("Please ")[2] or install
-            return Refusal(WRONG_VERSION, f"{pip_name} {info.get('version') or ''} is installed, but diffusers "
-                                          f"can't use it: {refusal}", fix)
         return None
 
     check.__name__ = f"package({key})"
+    return check
+
+
+def diffusers_accepts(name: str, key: str, how: str = "") -> Check:
+    """diffusers' own requirement check accepts its backend `name` here (the report carries diffusers' verdict,
+    see hardware.diffusers_backends): sdcli asks diffusers rather than copy its rules. `key`: the package it
+    judged. Placed after the checks that say more precisely what is wrong with the package."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        refusal = m.diffusers_refusal(name)
+        if not refusal:
+            return None
+        wanted = re.search(r"install `([^`]+)`", refusal)  # `pkg>=x.y`, or in words: "Please build ... from source"
+        fix = f"pip install -U '{wanted.group(1)}'{how}" if wanted else refusal.partition("Please ")[2]
+        return Refusal(WRONG_VERSION, f"{key} {m.package(key).get('version') or ''} is installed, but diffusers "
+                                      f"can't use it: {refusal}", fix)
+
+    check.__name__ = f"diffusers_accepts({name})"
     return check
 
 
@@ -450,6 +460,7 @@ def usable_here(machine: Machine, shape: Shape | None = None, quantized: bool = 
 
 
 FLASH_HOW = " --no-build-isolation  (no wheel on PyPI: builds from source, needs the CUDA toolkit)"
+FLASH3_HOW = "  (build from flash-attention/hopper; Hopper GPUs only)"
 FLASH4_HOW = "  (a pre-release, compiled at first use; with a CUDA 13 torch: 'flash-attn-4[cu13]>=4.0.0b36')"
 SAGE2_HOW = "  (2.x builds from source: github.com/thu-ml/SageAttention; PyPI's 1.0.6 serves --backend sage1)"
 # Measured on the project's 2-core CPU (docs/design.md): compiling takes 0.3-17 s per shape, and the compiled
@@ -470,16 +481,17 @@ for _b in [
     Backend("sdpa-math", "PyTorch SDPA, reference math kernel (slow, the most exact)", diffusers_name="_native_math",
             in_auto=False),  # materialises the whole score matrix: the reference, never the fastest
     Backend("flex", "PyTorch flex_attention (slow unless compiled)", diffusers_name="flex",
-            checks=[package("torch", "torch", diffusers="flex")], in_auto=False),  # eager flex is unfused
+            checks=[diffusers_accepts("flex", "torch")], in_auto=False),  # eager flex is unfused
     Backend("flex-compiled", "PyTorch flex_attention, compiled once per shape", attention=kernels.flex_compiled,
             checks=[torch_at_least("2.5"), cuda_because(FLEX_ON_CPU),
                     package("triton", "triton", needed_by="torch.compile")]),
     Backend("flash-attn", "FlashAttention-2 (flash-attn package)", diffusers_name="flash",
-            checks=[package("flash_attn", "flash-attn", how=FLASH_HOW, diffusers="flash"), cuda, sm_at_least(8, 0),
+            checks=[package("flash_attn", "flash-attn", how=FLASH_HOW),
+                    diffusers_accepts("flash", "flash_attn", FLASH_HOW), cuda, sm_at_least(8, 0),
                     half, head_dim_at_most(256), no_mask]),
     Backend("flash-attn-3", "FlashAttention-3 for Hopper (flash_attn_interface)", diffusers_name="_flash_3",
-            checks=[package("flash_attn_3", "flash-attn-3", how="  (build from flash-attention/hopper; Hopper GPUs only)",
-                            diffusers="_flash_3"),
+            checks=[package("flash_attn_3", "flash-attn-3", how=FLASH3_HOW),
+                    diffusers_accepts("_flash_3", "flash_attn_3"),
                     cuda, sm_in((9, 0)), half, head_dim_at_most(256), no_mask]),
     Backend("flash-attn-4", "FlashAttention-4 (flash-attn-4, CuTe DSL)", attention=kernels.flash_attn_4,
             checks=[fa4_installed, cuda, sm_at_least(8, 0), half, fa4_head_dim, no_mask]),
@@ -488,20 +500,23 @@ for _b in [
             checks=[fa4_installed, torch_flash_impl("FA4"), cuda,
                     sm_major_in(9, 10, what=" (torch's FA4 implementation)"), half, fa4_head_dim, no_mask]),
     Backend("xformers", "xFormers memory_efficient_attention", diffusers_name="xformers",
-            checks=[package("xformers", "xformers", diffusers="xformers"), xformers_ops, cuda, sm_at_least(5, 0)]),
+            checks=[package("xformers", "xformers"), xformers_ops, diffusers_accepts("xformers", "xformers"), cuda,
+                    sm_at_least(5, 0)]),
     Backend("sage", "SageAttention 2: INT8 QK, fp16/fp8 PV", kind=QUANTIZED, diffusers_name="sage",
-            checks=[package("sageattention", "sageattention", how=SAGE2_HOW, diffusers="sage"),
+            checks=[package("sageattention", "sageattention", how=SAGE2_HOW),
+                    diffusers_accepts("sage", "sageattention", SAGE2_HOW),
                     cuda, sm_in((8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1)),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage-fp8", "SageAttention 2: INT8 QK, FP8 PV (Ada, Blackwell)", kind=QUANTIZED,
             diffusers_name="_sage_qk_int8_pv_fp8_cuda",
-            checks=[package("sageattention", "sageattention", diffusers="_sage_qk_int8_pv_fp8_cuda"), cuda, fp8,
+            checks=[package("sageattention", "sageattention"),
+                    diffusers_accepts("_sage_qk_int8_pv_fp8_cuda", "sageattention"), cuda, fp8,
                     sm_in((8, 9), (12, 0), (12, 1), what=" (its SM90 twin is sage-fp8-sm90)"),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage-fp8-sm90", "SageAttention 2: INT8 QK, FP8 PV, Hopper kernel", kind=QUANTIZED,
             diffusers_name="_sage_qk_int8_pv_fp8_cuda_sm90",
-            checks=[package("sageattention", "sageattention", diffusers="_sage_qk_int8_pv_fp8_cuda_sm90"), cuda, fp8,
-                    sm_in((9, 0)),
+            checks=[package("sageattention", "sageattention"),
+                    diffusers_accepts("_sage_qk_int8_pv_fp8_cuda_sm90", "sageattention"), cuda, fp8, sm_in((9, 0)),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage1", "SageAttention 1 (Triton): INT8 QK, fp16 PV", kind=QUANTIZED, attention=kernels.sage1,
             checks=[package("sageattention", "sageattention", "1.0.6", needed_by="sage1"),

@@ -64,7 +64,7 @@ def test_diffusers_own_requirement_check_decides(cli, tmp_path):
     path.write_text(json.dumps(report))
     v = {r["backend"]: r for r in cli.json("doctor", "--report", path)["verdicts"]["backends"]}
     assert v["flash-attn-3"]["status"] == "wrong version" and message in v["flash-attn-3"]["reason"]
-    assert "3.0.0b1 is installed, but diffusers can't use it" in v["flash-attn-3"]["reason"]
+    assert "flash_attn_3 3.0.0b1 is installed, but diffusers can't use it" in v["flash-attn-3"]["reason"]
     assert v["flash-attn-3"]["fix"] == "build FA3 beta release from source."
     assert v["flash-attn"]["status"] == "usable"
 
