@@ -30,7 +30,9 @@ def main() -> None:
     import torch
 
     from sdcli import backends, hardware, numerics
-    from sdcli.backends import Machine, Shape
+    from sdcli.doctor import REFERENCE_SHAPES
+    from sdcli.backends import Shape
+    from sdcli.hardware import Machine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -43,7 +45,7 @@ def main() -> None:
     faults = planted_faults()
     cap = args.max_seq or None
     shapes = []
-    for family in backends.REFERENCE_SHAPES.values():
+    for family in REFERENCE_SHAPES.values():
         for heads, head_dim, q_len, kv_len in family:
             shape = (heads, head_dim, min(q_len, cap or q_len), min(kv_len, cap or kv_len))
             if shape not in shapes:
@@ -55,7 +57,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         for heads, head_dim, q_len, kv_len in shapes:
             shape = Shape(heads, head_dim, q_len, kv_len, dtype)
-            correct = [b for b in backends.all_backends() if b.kind == backends.EXACT and b.verdict(machine, shape).usable]
+            correct = backends.usable_here(machine, shape, quantized=False)
             for label, logit_std in inputs.items():
                 q, k, v = numerics.sample_inputs(heads, head_dim, q_len, kv_len, dtype, args.device, seed=1,
                                                  logit_std=logit_std)

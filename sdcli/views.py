@@ -331,7 +331,8 @@ def print_compare(result: dict) -> None:
     out.print(f"kernel err: the worst call's relative error against exact attention (every layer's captured inputs, "
               f"and sampled ones per layer shape); ×round: the worst call's error over the rounding of its exact "
               f"result to {result['dtype']} (exact kernels pass at ≤ {t0['exact_tol']:g}× in every call; quantized "
-              f"ones at a relative error ≤ {t0['quantized_tol']:g}). step err: latent after step 1. max|Δ| in 0-255.",
+              f"ones at a relative error ≤ {t0['quantized_tol']:g}). step err: latent after step 1. "
+              "max|Δ| in 0-255.",
               soft_wrap=True, style="dim")
     out.print(f"grid: {result['grid']}\nreport: {result['json']}", soft_wrap=True)
 
