@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sdcli import kernels
+from sdcli import error_line, kernels
 from sdcli.hardware import Machine
 
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
@@ -109,6 +109,24 @@ def package(key: str, pip_name: str, min_version: str | None = None, how: str = 
         return None
 
     check.__name__ = f"package({key})"
+    return check
+
+
+def diffusers_accepts(name: str, key: str, how: str = "") -> Check:
+    """diffusers' own requirement check accepts its backend `name` here (the report carries diffusers' verdict,
+    see hardware.diffusers_backends): sdcli asks diffusers rather than copy its rules. `key`: the package it
+    judged. Placed after the checks that say more precisely what is wrong with the package."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        refusal = m.diffusers_refusal(name)
+        if not refusal:
+            return None
+        wanted = re.search(r"install `([^`]+)`", refusal)  # `pkg>=x.y`, or in words: "Please build ... from source"
+        fix = f"pip install -U '{wanted.group(1)}'{how}" if wanted else refusal.partition("Please ")[2]
+        return Refusal(WRONG_VERSION, f"{key} {m.package(key).get('version') or ''} is installed, but diffusers "
+                                      f"can't use it: {refusal}", fix)
+
+    check.__name__ = f"diffusers_accepts({name})"
     return check
 
 
@@ -327,10 +345,17 @@ class Backend:
     checks: list[Check] = field(default_factory=list)
     origin: str = "sdcli"              # or the distribution that registered it
     in_auto: bool = True               # whether measured `auto` and `bench` try it (False: slow by design)
+    release: str | None = None         # a plug-in's distribution version (+ a hash of its files if editable)
 
     def verdict(self, machine: Machine, shape: Shape | None = None) -> Verdict:
         for check in self.checks:
-            refusal = check(machine, shape)
+            try:
+                refusal = check(machine, shape)
+                if refusal is not None and not isinstance(refusal, Refusal):
+                    raise TypeError(f"returned {type(refusal).__name__}, not a Refusal or None")
+            except Exception as exc:  # a plug-in's faulty check is a verdict on that plug-in, not the command's end
+                return Verdict(self.name, BROKEN, f"broken plug-in: its check {getattr(check, '__name__', check)} "
+                                                  f"raised {error_line(exc)}", f"fix or uninstall {self.origin}")
             if refusal:
                 return Verdict(self.name, refusal.status, refusal.reason, refusal.fix)
         return Verdict(self.name, USABLE)
@@ -375,12 +400,38 @@ def load_plugins() -> None:
         try:
             obj = ep.load()
             items = obj() if callable(obj) and not isinstance(obj, Backend) else obj
-            for backend in items if isinstance(items, (list, tuple)) else [items]:
+            items = list(items) if isinstance(items, (list, tuple)) else [items]
+            if not all(isinstance(b, Backend) for b in items):
+                raise TypeError(f"{ep.value} gives {', '.join(type(b).__name__ for b in items)}, not sdcli Backends")
+            for backend in items:
                 if backend.origin == "sdcli":
                     backend.origin = ep.dist.name if ep.dist else ep.value
+                backend.release = release(ep)
                 register(backend)
         except Exception as exc:
-            _PLUGIN_ERRORS[ep.name] = f"{type(exc).__name__}: {exc}"
+            _PLUGIN_ERRORS[ep.name] = f"broken plug-in: {error_line(exc)}"
+
+
+def release(ep) -> str | None:
+    """A plug-in's version, for auto's plan key: its distribution's version, plus a hash of its module files
+    when it is installed editable (its code then changes without a new version)."""
+    import hashlib
+    import json
+    import sys
+    from pathlib import Path
+
+    version = ep.dist.version if ep.dist else None
+    try:
+        editable = json.loads(ep.dist.read_text("direct_url.json") or "{}").get("dir_info", {}).get("editable")
+    except (AttributeError, ValueError):
+        editable = False
+    if not editable:
+        return version
+    module = sys.modules[ep.module.split(".")[0]]  # loaded by ep.load()
+    roots = [Path(p) for p in getattr(module, "__path__", [])] or [Path(module.__file__)]
+    files = sorted(f for root in roots for f in ([root] if root.is_file() else root.rglob("*.py")))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    return f"{version}+src.{digest}"
 
 
 def all_backends() -> list[Backend]:
@@ -409,6 +460,7 @@ def usable_here(machine: Machine, shape: Shape | None = None, quantized: bool = 
 
 
 FLASH_HOW = " --no-build-isolation  (no wheel on PyPI: builds from source, needs the CUDA toolkit)"
+FLASH3_HOW = "  (build from flash-attention/hopper; Hopper GPUs only)"
 FLASH4_HOW = "  (a pre-release, compiled at first use; with a CUDA 13 torch: 'flash-attn-4[cu13]>=4.0.0b36')"
 SAGE2_HOW = "  (2.x builds from source: github.com/thu-ml/SageAttention; PyPI's 1.0.6 serves --backend sage1)"
 # Measured on the project's 2-core CPU (docs/design.md): compiling takes 0.3-17 s per shape, and the compiled
@@ -429,16 +481,17 @@ for _b in [
     Backend("sdpa-math", "PyTorch SDPA, reference math kernel (slow, the most exact)", diffusers_name="_native_math",
             in_auto=False),  # materialises the whole score matrix: the reference, never the fastest
     Backend("flex", "PyTorch flex_attention (slow unless compiled)", diffusers_name="flex",
-            checks=[torch_at_least("2.5")], in_auto=False),  # eager flex is unfused
+            checks=[diffusers_accepts("flex", "torch")], in_auto=False),  # eager flex is unfused
     Backend("flex-compiled", "PyTorch flex_attention, compiled once per shape", attention=kernels.flex_compiled,
             checks=[torch_at_least("2.5"), cuda_because(FLEX_ON_CPU),
                     package("triton", "triton", needed_by="torch.compile")]),
     Backend("flash-attn", "FlashAttention-2 (flash-attn package)", diffusers_name="flash",
-            checks=[package("flash_attn", "flash-attn", "2.6.3", FLASH_HOW), cuda, sm_at_least(8, 0),
+            checks=[package("flash_attn", "flash-attn", how=FLASH_HOW),
+                    diffusers_accepts("flash", "flash_attn", FLASH_HOW), cuda, sm_at_least(8, 0),
                     half, head_dim_at_most(256), no_mask]),
     Backend("flash-attn-3", "FlashAttention-3 for Hopper (flash_attn_interface)", diffusers_name="_flash_3",
-            checks=[package("flash_attn_3", "flash-attn-3", None,
-                            "  (build from flash-attention/hopper; Hopper GPUs only)"),
+            checks=[package("flash_attn_3", "flash-attn-3", how=FLASH3_HOW),
+                    diffusers_accepts("_flash_3", "flash_attn_3"),
                     cuda, sm_in((9, 0)), half, head_dim_at_most(256), no_mask]),
     Backend("flash-attn-4", "FlashAttention-4 (flash-attn-4, CuTe DSL)", attention=kernels.flash_attn_4,
             checks=[fa4_installed, cuda, sm_at_least(8, 0), half, fa4_head_dim, no_mask]),
@@ -447,19 +500,23 @@ for _b in [
             checks=[fa4_installed, torch_flash_impl("FA4"), cuda,
                     sm_major_in(9, 10, what=" (torch's FA4 implementation)"), half, fa4_head_dim, no_mask]),
     Backend("xformers", "xFormers memory_efficient_attention", diffusers_name="xformers",
-            checks=[package("xformers", "xformers", "0.0.29"), xformers_ops, cuda, sm_at_least(5, 0)]),
+            checks=[package("xformers", "xformers"), xformers_ops, diffusers_accepts("xformers", "xformers"), cuda,
+                    sm_at_least(5, 0)]),
     Backend("sage", "SageAttention 2: INT8 QK, fp16/fp8 PV", kind=QUANTIZED, diffusers_name="sage",
-            checks=[package("sageattention", "sageattention", "2.1.1", SAGE2_HOW),
+            checks=[package("sageattention", "sageattention", how=SAGE2_HOW),
+                    diffusers_accepts("sage", "sageattention", SAGE2_HOW),
                     cuda, sm_in((8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1)),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage-fp8", "SageAttention 2: INT8 QK, FP8 PV (Ada, Blackwell)", kind=QUANTIZED,
             diffusers_name="_sage_qk_int8_pv_fp8_cuda",
-            checks=[package("sageattention", "sageattention", "2.1.1"), cuda, fp8,
+            checks=[package("sageattention", "sageattention"),
+                    diffusers_accepts("_sage_qk_int8_pv_fp8_cuda", "sageattention"), cuda, fp8,
                     sm_in((8, 9), (12, 0), (12, 1), what=" (its SM90 twin is sage-fp8-sm90)"),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage-fp8-sm90", "SageAttention 2: INT8 QK, FP8 PV, Hopper kernel", kind=QUANTIZED,
             diffusers_name="_sage_qk_int8_pv_fp8_cuda_sm90",
-            checks=[package("sageattention", "sageattention", "2.1.1"), cuda, fp8, sm_in((9, 0)),
+            checks=[package("sageattention", "sageattention"),
+                    diffusers_accepts("_sage_qk_int8_pv_fp8_cuda_sm90", "sageattention"), cuda, fp8, sm_in((9, 0)),
                     half, head_dim_at_most(128), no_mask]),
     Backend("sage1", "SageAttention 1 (Triton): INT8 QK, fp16 PV", kind=QUANTIZED, attention=kernels.sage1,
             checks=[package("sageattention", "sageattention", "1.0.6", needed_by="sage1"),

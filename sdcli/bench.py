@@ -98,6 +98,9 @@ class Runner:
         new = {o for o in config.options if o != "compile"} - self.applied
         pipeline.apply_speed_options(run.pipe, "fuse-qkv" in new, "channels-last" in new)
         self.applied |= new
+        s = run.settings  # what auto's plan key reads: the options this pipeline now runs with
+        s.fuse_qkv, s.channels_last, s.compile = "fuse-qkv" in self.applied, "channels-last" in self.applied, \
+            config.compiled
         if config.backend is None:
             routing.unroute(run.pipe)
             return None
@@ -193,14 +196,17 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
         "configs": [],
         # compile time is paid once and is not throughput: say where it went
         "timing": "each point is the median of timed runs after an untimed 2-step warm-up, and each kernel alone "
-                  "is timed after one untimed call; kernels that compile (flex-compiled: once per shape; "
-                  "flash-attn-4: at first use) compile there, so compile time is in none of these numbers",
+                  "is judged on two calls at batch 1, then timed (median of 5 rounds of back-to-back calls, "
+                  "kernels interleaved) after an untimed call; kernels that compile (flex-compiled: once per "
+                  "shape; flash-attn-4: at first use) compile there, so compile time is in none of these numbers",
     }
     if micro:  # first: the compiled configurations come last and would have to recompile for it
         runner.say("attention kernels at the model's shapes")
         run.settings.batch_size = 1
-        result["attention"] = tuning.measure_shapes(tuning.collect_shapes(run, pipeline.one_step), machine, quantized=True,
-                                                    on_progress=lambda t: runner.say(f"kernels: {t}"), everything=True)
+        shapes, activations = tuning.collect_shapes(run, pipeline.one_step)
+        result["attention"] = tuning.measure_shapes(shapes, machine, quantized=True, everything=True,
+                                                    on_progress=lambda t: runner.say(f"kernels: {t}"),
+                                                    activations=activations)
     for config in configs:
         points = []
         for batch in batch_sizes:

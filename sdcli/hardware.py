@@ -16,7 +16,7 @@ import os
 import platform
 
 from sdcli import __version__
-from sdcli import error_line
+from sdcli import error_line, first_line
 
 SCHEMA = "sdcli.report/1"
 
@@ -120,6 +120,24 @@ def xformers_ops() -> dict:
         if failure is not None:
             out["load_error"] = error_line(failure.__cause__ or failure)
     return out
+
+
+def diffusers_backends() -> dict:
+    """diffusers' own verdict on each of its attention backends: None where it can use it, else its message.
+    diffusers decides with its own availability and version checks (e.g. FlashAttention-3 only as a findable
+    `flash_attn_3` module), so sdcli asks it instead of copying them."""
+    try:
+        from diffusers.models import attention_dispatch
+    except Exception as exc:
+        return {"error": error_line(exc)}
+    verdicts = {}
+    for name in attention_dispatch.AttentionBackendName:
+        try:
+            attention_dispatch._check_attention_backend_requirements(name)
+            verdicts[name.value] = None
+        except Exception as exc:
+            verdicts[name.value] = first_line(exc)
+    return verdicts
 
 
 def nvml_gpus() -> tuple[list[dict], dict]:
@@ -277,6 +295,7 @@ def probe(measure: bool = True, only_gpu: int | None = None) -> dict:
         "gpus": gpus,
         "torch": torch_data,
         "packages": packages,
+        "diffusers_backends": diffusers_backends(),
     }
     if measure:
         report["dtypes"] = measure_dtypes(bool(torch_data["cuda_available"]), only_gpu or 0)
@@ -313,6 +332,11 @@ class Machine:
 
     def dtype_supported(self, name: str) -> bool | None:
         return (self.report.get("dtypes", {}).get(name) or {}).get("supported")
+
+    def diffusers_refusal(self, name: str) -> str | None:
+        """diffusers' own message for why it can't use its backend `name` here (see diffusers_backends); None
+        when it can, or when the report predates that section."""
+        return (self.report.get("diffusers_backends") or {}).get(name)
 
 
 def default_dtype(machine: Machine) -> str:

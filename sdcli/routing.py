@@ -159,20 +159,20 @@ class Router:
 
     # ----- the hot path -------------------------------------------------------------------------------
 
-    def attend(self, layer: Layer, q, k, v, mask=None, scale=None):
+    def attend(self, layer: Layer, q, k, v, mask=None):
         key = (q.shape[1], k.shape[1], mask is not None, q.dtype)
         backend = layer.routes.get(key)
         if backend is None:
-            backend, out = self._first_call(layer, key, q, k, v, mask, scale)
+            backend, out = self._first_call(layer, key, q, k, v, mask)
         else:
-            out = backend.run(q, k, v, attn_mask=mask, scale=scale)
+            out = backend.run(q, k, v, attn_mask=mask)
         if is_compiling():
             layer.graph_calls[backend.name].add_(1)
         else:
             layer.calls[backend.name] += 1
         return out
 
-    def _first_call(self, layer: Layer, key, q, k, v, mask, scale):
+    def _first_call(self, layer: Layer, key, q, k, v, mask):
         """Check a new shape against each candidate, try its kernel, keep the first that works."""
         import torch
 
@@ -191,7 +191,7 @@ class Router:
             reason = verdict.reason
             if verdict.usable:
                 try:
-                    out = backend.run(q, k, v, attn_mask=mask, scale=scale)
+                    out = backend.run(q, k, v, attn_mask=mask)
                     layer.routes[key] = backend
                     if backend.name not in layer.graph_calls:
                         layer.graph_calls[backend.name] = torch.zeros((), dtype=torch.int64, device=q.device)
@@ -228,7 +228,9 @@ class Router:
         return total
 
     def fallbacks(self) -> list[dict]:
-        """Layers not served by the first backend of the chain, and why."""
+        """Layers a named backend could not serve, and why. `auto` has no fallbacks: it reports its plan."""
+        if self.requested == AUTO:
+            return []
         first = self.chain[0].name
         return [{"layer": l.name, "backend": ", ".join(l.served()) or l.planned, "instead_of": first,
                  "why": l.refused.get(first, "")}
@@ -253,6 +255,23 @@ class Router:
         return {"requested": self.requested, "strict": self.strict, "chain": [b.name for b in self.chain],
                 "served": dict(self.served()), "groups": self.summary(), "fallbacks": self.fallbacks(),
                 "layers": [l.to_json() for l in self.layers]}
+
+
+class CapturingRouter(Router):
+    """A router that keeps the inputs of each layer's first call (`sdcli compare` replays them through every
+    backend; auto's tuner judges kernels on them)."""
+
+    samples: int | None = None  # keep only that many batch items (None: all)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.captured: dict[str, tuple] = {}  # layer name -> (q, k, v, mask)
+
+    def attend(self, layer, q, k, v, mask=None):
+        if layer.name not in self.captured:
+            keep = slice(0, self.samples)
+            self.captured[layer.name] = tuple(None if t is None else t[keep].detach().clone() for t in (q, k, v, mask))
+        return super().attend(layer, q, k, v, mask)
 
 
 def sdpa_kernel_choice(q, k, v, mask) -> str:
@@ -315,10 +334,8 @@ class RoutedAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        # AttnProcessor2_0 always uses SDPA's default 1/sqrt(head_dim); pass attn.scale only if it differs.
-        scale = None if abs(attn.scale - head_dim**-0.5) < 1e-12 else attn.scale
-
-        hidden_states = self.router.attend(self.layer, query, key, value, attention_mask, scale)
+        # no scale: AttnProcessor2_0 ignores attn.scale (and scale_qk=False) and always uses 1/sqrt(head_dim)
+        hidden_states = self.router.attend(self.layer, query, key, value, attention_mask)
 
         hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -405,10 +422,10 @@ def divert_dispatcher(module) -> None:
         if not isinstance(backend, Route):
             return dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, *args, backend=backend,
                             **kwargs)
-        if dropout_p or is_causal or args or any(kwargs.values()):
+        if dropout_p or is_causal or scale is not None or args or any(kwargs.values()):
             raise RoutingError(f"{backend.layer.name} asks the dispatcher for more than attention "
-                               "(dropout, causal mask or extra arguments), which sdcli does not route")
-        return backend.router.attend(backend.layer, query, key, value, attn_mask, scale)
+                               "(dropout, causal mask, its own scale or extra arguments), which sdcli does not route")
+        return backend.router.attend(backend.layer, query, key, value, attn_mask)
 
     dispatch_attention_fn.diffusers_dispatch = dispatch
     module.dispatch_attention_fn = dispatch_attention_fn
@@ -449,6 +466,10 @@ def route(pipe, router: Router) -> Router:
             if kind not in family.processors:
                 raise RoutingError(f"{where} uses {kind}, which sdcli does not route; only diffusers' standard "
                                    "attention processors can be replaced")
+            if kind == "AttnProcessor" and abs(module.scale - (module.inner_dim // module.heads) ** -0.5) > 1e-12:
+                raise RoutingError(f"{where} uses AttnProcessor with scale {module.scale:g} (scale_qk=False); "
+                                   "sdcli's processor follows AttnProcessor2_0, which always scales by 1/sqrt(head "
+                                   "dim), so routing it would change its results")
             if kind in JOINT_PROCESSORS:  # SD 3.5 Medium's second attention has no text: self-attention
                 attention = "self" if module.added_kv_proj_dim is None else "joint"
                 module.set_processor(RoutedJointAttnProcessor(router, router.plan(where, module, attention), stock))

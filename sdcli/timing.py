@@ -1,20 +1,34 @@
-"""Timing: one stopwatch for everything sdcli times (auto's plan, bench, compare, generate).
+"""Timing: one stopwatch for everything sdcli times (auto's plan, bench, compare, generate), and the
+measurement of attention kernels at one shape.
 
 On the CPU it is wall time. On a GPU work is queued, so the stopwatch first waits for the device's
 earlier work, then brackets the block with CUDA events on the device's own stream (not whatever GPU
 happens to be current) and waits for the end event: the block's queued kernels are counted, earlier
 ones are not.
+
+Measuring kernels at a shape: accuracy first, at batch 1, on two calls with different inputs (the layer's
+real activations when a run captured them, and sampled ones of realistic magnitude), by the rule `sdcli
+compare` uses (sdcli.numerics.judge). Then time, at the run's batch: a warm-up, then rounds in which every
+backend in turn makes several back-to-back calls inside one stopwatch; a backend's time is the median of
+its rounds. Interleaving spreads clock and thermal drift over all backends alike, and back-to-back calls
+keep launch latency from deciding short kernels. Anything a backend raises, out-of-memory included, drops
+that backend at that shape, never the measurement of the others.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sdcli import error_line, numerics
-from sdcli.backends import Backend, Shape
+from sdcli.backends import Shape
+
+ROUNDS = 5
+WARMUPS = 1     # then one more call, timed alone, sizes the rounds
+MAX_CALLS = 50  # back-to-back calls per round, at most
 
 
 @dataclass
@@ -43,35 +57,84 @@ def stopwatch(device: str):
     watch.seconds = start.elapsed_time(end) / 1e3
 
 
-def measure(backend: Backend, shape: Shape, device: str = "cpu", repeats: int = 5, batch: int = 1,
-            min_seconds: float = 0.05) -> dict:
-    """Run one backend at one shape on random inputs: accuracy against exact attention, median time, TFLOP/s.
-    Repeats until `min_seconds` of work or 20× `repeats` calls, so tiny shapes are not timed on noise."""
+def _dropped(row: dict, exc: BaseException) -> dict:
+    from sdcli import pipeline
+
+    pipeline.release_memory()  # an out-of-memory leaves the allocator's cache full
+    return {**row, "ok": False, "error": error_line(exc)}
+
+
+def measure(candidates: list, shape, device: str, batch: int = 1, activations: tuple | None = None,
+            min_seconds: float = 0.05) -> list[dict]:
+    """Every candidate backend at `shape`: accuracy (ok, why, ratio, ...) and median ms per call, TFLOP/s.
+    `activations`: (q, k, v, mask) of one real call at this shape, batch 1, to judge accuracy on."""
+    rows = {b.name: {"backend": b.name, "kind": b.kind, "shape": str(shape), "batch": batch} for b in candidates}
+    with warnings.catch_warnings():  # flex warns on every eager call; its summary already says so
+        warnings.simplefilter("ignore", UserWarning)
+        alive = _judge(candidates, rows, shape, device, activations)
+        times = _time(alive, rows, shape, batch, device, min_seconds)
+    flops = 4 * batch * shape.heads * shape.q_len * shape.kv_len * shape.head_dim
+    for name, t in times.items():
+        seconds = statistics.median(t["rounds"])
+        rows[name].update(ms=seconds * 1e3, tflops=flops / seconds / 1e12, calls_timed=t["calls"])
+    return list(rows.values())
+
+
+def _judge(backends: list, rows: dict, shape, device: str, activations: tuple | None) -> list:
+    """Judge every backend on the same two calls at batch 1; returns those that ran (within bound or not)."""
+    try:
+        checks = [activations or numerics.sampled_call(shape, device, seed=2), numerics.sampled_call(shape, device)]
+        bases = [numerics.baseline(*call) for call in checks]  # the same for every backend: computed once
+    except Exception as exc:  # not even the reference fits: no backend can be judged here
+        for b in backends:
+            rows[b.name] = _dropped(rows[b.name], exc)
+        return []
+    alive = []
+    for b in backends:
+        try:
+            rows[b.name].update(numerics.judge(b.run, b.kind, checks, bases))
+            alive.append(b)
+        except Exception as exc:  # out of memory too: the backend is not viable at this shape
+            rows[b.name] = _dropped(rows[b.name], exc)
+    return alive
+
+
+def _time(backends: list, rows: dict, shape, batch: int, device: str, min_seconds: float) -> dict:
+    """Warm-ups, then ROUNDS rounds of back-to-back calls per backend, interleaved. {name: {rounds, calls}}."""
     import torch
 
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, n, shape.heads, shape.head_dim, generator=gen).to(device, numerics.torch_dtype(shape.dtype))
-               for n in (shape.q_len, shape.kv_len, shape.kv_len))
-    times = []
     try:
-        with warnings.catch_warnings():  # flex warns on every eager call; its summary already says so
-            warnings.simplefilter("ignore", UserWarning)
-            out = backend.run(q, k, v)  # not timed: kernel loading, autotuning (the stopwatch waits for it)
-            while len(times) < repeats or (sum(times) < min_seconds and len(times) < 20 * repeats):
-                with stopwatch(device) as watch:
-                    backend.run(q, k, v)
-                times.append(watch.seconds)
-    except Exception as exc:  # out of memory too: the backend is not viable at this shape
-        del q, k, v
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        return {"backend": backend.name, "kind": backend.kind, "shape": str(shape), "batch": batch, "ok": False,
-                "error": error_line(exc)}
-    seconds = sorted(times)[len(times) // 2]
-    flops = 4 * batch * shape.heads * shape.q_len * shape.kv_len * shape.head_dim
-    acc = numerics.accuracy(out, q, k, v)
-    return {
-        "backend": backend.name, "kind": backend.kind, "shape": str(shape), "batch": batch,
-        "ok": numerics.within_bound(backend.kind, acc), **acc,
-        "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "calls_timed": len(times),
-    }
+        q, k, v, _ = numerics.sampled_call(shape, device, batch, seed=0)
+    except torch.OutOfMemoryError as exc:
+        for b in backends:
+            rows[b.name] = _dropped(rows[b.name], exc)
+        return {}
+
+    def seconds(fn, calls: int) -> float:
+        with stopwatch(device) as watch:
+            for _ in range(calls):
+                fn()
+        return watch.seconds / calls
+
+    calls, timed = {}, {}
+    with torch.inference_mode():
+        for b in list(backends):
+            fn = lambda b=b: b.run(q, k, v)
+            try:
+                for _ in range(WARMUPS):
+                    fn()
+                once = seconds(fn, 1)
+                calls[b.name] = max(1, min(MAX_CALLS, round(min_seconds / ROUNDS / max(once, 1e-7))))
+                timed[b.name] = fn
+            except Exception as exc:
+                rows[b.name] = _dropped(rows[b.name], exc)
+        result = {name: {"rounds": [], "calls": 0} for name in timed}
+        for _ in range(ROUNDS):
+            for name, fn in list(timed.items()):
+                try:
+                    result[name]["rounds"].append(seconds(fn, calls[name]))
+                    result[name]["calls"] += calls[name]
+                except Exception as exc:
+                    rows[name] = _dropped(rows[name], exc)
+                    del timed[name], result[name]
+    return result

@@ -2,10 +2,12 @@
 measured once on this machine and remembered.
 
 A plan is keyed by what decides which kernel wins: the GPU (or CPU), the driver, the versions of torch,
-diffusers and the kernel packages, the dtype, and the model's attention shapes (its configuration, image
-size and batch). On first use it collects the model's real shapes with a one-step render, times every
-eligible backend at each (exact ones; quantized ones too with `--quantized`), drops those that break
-their accuracy bound (see `sdcli compare`), and keeps the fastest. The plan is a JSON file in the cache
+diffusers, the kernel packages and every plug-in, the dtype, the model's attention shapes (its
+configuration, image size, batch and whether guidance doubles it) and the speed options. On first use it
+records the model's real shapes and activations with a one-step render, judges every eligible backend
+(exact ones; quantized ones too with `--quantized`) by `sdcli compare`'s rule on two calls at batch 1,
+times them at the run's batch (sdcli.timing), and keeps the fastest within its bound. Whatever a
+candidate raises, out-of-memory included, drops that candidate. The plan is a JSON file in the cache
 directory, reused until `--retune`.
 """
 
@@ -39,7 +41,8 @@ def plan_key(run, quantized: bool) -> dict:
     # diffusers' private config keys (e.g. _use_default_values, built from a set) vary between processes
     config = json.dumps([{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in routed_models(pipe)],
                         sort_keys=True, default=str)
-    plugins = sorted(f"{b.name}@{b.origin}" for b in backends.all_backends() if b.origin != "sdcli")
+    plugins = sorted(f"{b.name}@{b.origin}=={b.release}" for b in backends.all_backends() if b.origin != "sdcli")
+    s = run.settings
     return {
         "machine": machine.gpu_label if machine.is_cuda else f"CPU {run.report.get('system', {}).get('cpu')}",
         "driver": run.report.get("nvml", {}).get("driver"),
@@ -47,9 +50,22 @@ def plan_key(run, quantized: bool) -> dict:
         "plugins": plugins,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype,
         "model": run.model_name, "model_config": hashlib.sha256(config.encode()).hexdigest()[:16],
-        "width": run.size[0], "height": run.size[1],
-        "batch_size": run.settings.batch_size, "quantized": quantized,
+        "width": run.size[0], "height": run.size[1], "batch_size": s.batch_size,
+        "guidance_doubles_batch": doubles_batch(pipe, s.guidance), "quantized": quantized,
+        "fuse_qkv": s.fuse_qkv, "channels_last": s.channels_last, "compile": s.compile,
     }
+
+
+def doubles_batch(pipe, guidance: float) -> bool | float:
+    """Whether the pipeline runs classifier-free guidance at this scale (the UNet's batch doubles): diffusers'
+    own `do_classifier_free_guidance`, asked with the scale set. Pipelines without it: the scale itself."""
+    from types import SimpleNamespace
+
+    rule = getattr(type(pipe), "do_classifier_free_guidance", None)
+    try:
+        return bool(rule.fget(SimpleNamespace(_guidance_scale=guidance, unet=getattr(pipe, "unet", None))))
+    except AttributeError:
+        return guidance
 
 
 def routed_models(pipe) -> list:
@@ -62,24 +78,30 @@ def plan_path(key: dict) -> Path:
     return cache_dir() / f"{digest}.json"
 
 
-def collect_shapes(run, one_step) -> list[Shape]:
-    """The model's real attention shapes: `one_step(run)` (pipeline.one_step: a one-step render at the run's
-    size and batch), recorded. The render is passed in so that tuning does not depend on the pipeline module."""
-    router = routing.route(run.pipe, routing.Router.for_request("auto", run.report, run.device))
+def collect_shapes(run, one_step) -> tuple[list[Shape], dict]:
+    """The model's real attention shapes, and one real call's inputs per shape (batch 1: q, k, v, mask):
+    `one_step(run)` (pipeline.one_step: a one-step render at the run's size and batch), recorded. The render is
+    passed in so that tuning does not depend on the pipeline module."""
+    router = routing.route(run.pipe, routing.CapturingRouter.for_request("auto", run.report, run.device))
+    router.samples = 1  # the judge runs at batch 1
     one_step(run)
-    return routing.seen_shapes(router)
+    layers = {layer.name: layer for layer in router.layers}
+    activations = {}
+    for name, (q, k, v, mask) in router.captured.items():
+        activations.setdefault(layers[name].shape_of(q, k, mask).key, (q, k, v, mask))
+    return routing.seen_shapes(router), activations
 
 
 def measure_shapes(shapes: list[Shape], machine: Machine, quantized: bool, on_progress=None,
-                   everything: bool = False) -> list[dict]:
-    """Time every eligible backend at every shape; the fastest within its accuracy bound is the choice."""
+                   everything: bool = False, activations: dict | None = None) -> list[dict]:
+    """Judge and time every eligible backend at every shape; the fastest within its accuracy bound is the choice.
+    `activations`: Shape.key -> a real call's inputs at that shape (batch 1), to judge accuracy on."""
     entries = []
     for shape in shapes:
-        rows = []
-        for backend in backends.usable_here(machine, shape, quantized, in_auto_only=not everything):
-            if on_progress:
-                on_progress(f"{backend.name} at {shape}")
-            rows.append(timing.measure(backend, shape, machine.device, batch=shape.batch or 1))
+        if on_progress:
+            on_progress(f"{shape}")
+        rows = timing.measure(backends.usable_here(machine, shape, quantized, in_auto_only=not everything), shape,
+                              machine.device, batch=shape.batch or 1, activations=(activations or {}).get(shape.key))
         good = [r for r in rows if r["ok"]]
         choice = min(good, key=lambda r: r["ms"])["backend"] if good else None
         entries.append({"shape": asdict(shape), "choice": choice, "measurements": rows})
@@ -95,9 +117,10 @@ def load_or_tune(run, one_step, quantized: bool = False, retune: bool = False, o
         plan, _ = read_plan(path)
         if plan and plan["key"] == key:
             return {**plan, "path": str(path), "cached": True}
-    machine = Machine(run.report, run.device)
+    shapes, activations = collect_shapes(run, one_step)
     plan = {"key": key, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "shapes": measure_shapes(collect_shapes(run, one_step), machine, quantized, on_progress)}
+            "shapes": measure_shapes(shapes, Machine(run.report, run.device), quantized, on_progress,
+                                     activations=activations)}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:  # replaces a damaged file of the same name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -110,14 +110,17 @@ def print_doctor(result: dict) -> None:
         from sdcli.doctor import CPU_PROBE_SEQ
 
         capped = "" if verdicts["device"].startswith("cuda") else f", sequences capped at {CPU_PROBE_SEQ} on the CPU"
-        pt = Table(title=f"Probe: each backend at SD shapes, error against fp32 math{capped}", title_justify="left")
-        for col in ("backend", "shape", "rel. error", "ms", "TFLOP/s"):
-            pt.add_column(col, justify="right" if col in ("rel. error", "ms", "TFLOP/s") else "left")
+        pt = Table(title=f"Probe: each backend at SD shapes, error against exact attention{capped}",
+                   title_justify="left")
+        for col in ("backend", "shape", "rel. error", "×round", "ms", "TFLOP/s"):
+            pt.add_column(col, justify="left" if col in ("backend", "shape") else "right")
         for r in probe:
-            if r["ok"]:
-                pt.add_row(r["backend"], r["shape"], f"{r['rel_error']:.1e}", f"{r['ms']:.2f}", f"{r['tflops']:.2f}")
-            else:
-                pt.add_row(r["backend"], r["shape"], f"[red]{r.get('error') or 'non-finite output'}[/]", "", "")
+            if "error" in r:
+                pt.add_row(r["backend"], r["shape"], f"[red]{r['error']}[/]", "", "", "")
+                continue
+            ratio = _fmt(r["ratio"], ".2f") if r["kind"] == "exact" else ""
+            pt.add_row(r["backend"], r["shape"], f"{r['rel_error']:.1e}", ratio if r["ok"] else f"[red]{r['why']}[/]",
+                       _fmt(r.get("ms"), ".2f"), _fmt(r.get("tflops"), ".2f"))
         out.print(pt)
     for plan in result["plans"]:
         out.print(plan_table(plan))
@@ -325,9 +328,11 @@ def print_compare(result: dict) -> None:
             out.print(f"{r['backend']}: {r['fallback_layers']} of {r['layers']} layers served by "
                       f"{result['reference']} (the backend can't take them)", soft_wrap=True)
     t0 = result["thresholds"]
-    out.print(f"kernel err: worst layer's relative error against fp32 math; ×round: that, over the error of plain "
-              f"attention in {result['dtype']} (exact kernels pass at ≤ {t0['exact_tol']:g}×; quantized ones at a "
-              f"relative error ≤ {t0['quantized_tol']:g}). step err: latent after step 1. max|Δ| in 0-255.",
+    out.print(f"kernel err: the worst call's relative error against exact attention (every layer's captured inputs, "
+              f"and sampled ones per layer shape); ×round: the worst call's error over the rounding of its exact "
+              f"result to {result['dtype']} (exact kernels pass at ≤ {t0['exact_tol']:g}× in every call; quantized "
+              f"ones at a relative error ≤ {t0['quantized_tol']:g}). step err: latent after step 1. "
+              "max|Δ| in 0-255.",
               soft_wrap=True, style="dim")
     out.print(f"grid: {result['grid']}\nreport: {result['json']}", soft_wrap=True)
 

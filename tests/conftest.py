@@ -93,15 +93,21 @@ def pixels(path):
         return np.asarray(im.convert("RGB")).copy()
 
 
-def make_plugin(folder, name, source, entry_points):
+def make_plugin(folder, name, source, entry_points, version="1.0", editable=False):
     """An installed-looking package (a module plus a dist-info with `sdcli.backends` entry points) in `folder`;
-    put `folder` on PYTHONPATH and sdcli finds it the way it finds any plugin."""
+    put `folder` on PYTHONPATH and sdcli finds it the way it finds any plugin. Called again with another
+    version, it upgrades the package in place; `editable` marks it installed as `pip install -e` does."""
+    import shutil
     import textwrap
 
     (folder / f"{name}.py").write_text(textwrap.dedent(source))
-    dist = folder / f"{name}-1.0.dist-info"
+    for old in folder.glob(f"{name}-*.dist-info"):
+        shutil.rmtree(old)
+    dist = folder / f"{name}-{version}.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     lines = "".join(f"{ep} = {name}:{obj}\n" for ep, obj in entry_points.items())
     (dist / "entry_points.txt").write_text(f"[sdcli.backends]\n{lines}")
+    if editable:  # PEP 610, as pip records an editable install
+        (dist / "direct_url.json").write_text(json.dumps({"url": folder.as_uri(), "dir_info": {"editable": True}}))
     return {"PYTHONPATH": str(folder)}

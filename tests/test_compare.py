@@ -25,6 +25,7 @@ def test_every_cpu_backend_passes_and_outputs_are_written(cli, tmp_path):
         assert r["verdict"] == "pass" and r["kind"] == "exact", r
         k = r["kernel"]
         assert k["layers_measured"] == 15 and k["layers_na"] == 0  # 14 UNet layers and the VAE decoder's
+        assert k["shapes_sampled"] == 5 and k["calls_outside_bound"] == 0  # and sampled inputs per layer shape
         assert k["max_ratio"] <= 2.0 and k["max_rel_error"] < 1e-5
         assert r["step_rel_error"] < 1e-4 and r["max_abs_diff"] <= 1 and r["ssim"] > 0.999
         assert r["served"] == {name: 14 * 3 + 1} and r["seconds"] > 0
@@ -86,13 +87,22 @@ def test_exact_and_quantized_promises_have_their_own_bounds(cli, tmp_path, regis
         noise = __import__("torch").randn(out.shape, generator=__import__("torch").Generator().manual_seed(1))
         return out + 0.01 * out.std() * noise
 
+    def off_in_the_vae(q, k, v, attn_mask=None, scale=None):  # 20% off, only at the VAE's 64-wide head
+        out = noisy(q, k, v, attn_mask, scale)
+        return out if q.shape[-1] != 64 else out + 0.2 * (out - sdpa(q, k, v, attn_mask, scale)) / 0.01
+
     register_backend("noisy-exact", noisy, kind="exact")
     register_backend("noisy-quantized", noisy, kind="quantized")
-    data = cli.json("compare", *TINY, "--backends", "noisy-exact,noisy-quantized", "-o", tmp_path, code=1)
+    register_backend("vae-off", off_in_the_vae, kind="quantized")
+    data = cli.json("compare", *TINY, "--backends", "noisy-exact,noisy-quantized,vae-off", "-o", tmp_path, code=1)
     rows = rows_of(data)
     assert rows["noisy-exact"]["verdict"] == "FAIL"
     assert rows["noisy-quantized"]["verdict"] == "pass" and rows["noisy-quantized"]["kind"] == "quantized"
     assert 0.005 < rows["noisy-quantized"]["kernel"]["max_rel_error"] < 0.1
+    off = rows["vae-off"]  # judged per layer, on the captured activations and on sampled inputs
+    assert off["verdict"] == "FAIL" and "bound 0.1 (2 of 20 calls outside it)" in off["why"]
+    outside = {c["layer"] for c in off["kernel"]["per_layer"] if not c["within_bound"]}
+    assert outside == {"vae.decoder.mid_block.attentions.0", "sampled 1×64 q256·kv256 fp32"}
     loose = cli.json("compare", *TINY, "--backends", "noisy-exact", "--exact-tol", "1e6", "-o", tmp_path)
     assert rows_of(loose)["noisy-exact"]["verdict"] == "pass"
 

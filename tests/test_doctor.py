@@ -53,6 +53,22 @@ def test_t4_refuses_flash_and_explains(cli):
     assert "pip install -U 'sageattention>=2.1.1'" in v["sage"]["fix"]
 
 
+def test_diffusers_own_requirement_check_decides(cli, tmp_path):
+    """FlashAttention-3 imports as flash_attn_interface, but diffusers wants a findable flash_attn_3 module: where
+    diffusers' own check refuses a backend, so does sdcli, with diffusers' words (no TypeError at the first call)."""
+    report = json.loads((REPORTS / "h100.json").read_text())
+    message = ("Flash Attention 3 backend '_flash_3' is not usable because of missing package or the version is "
+               "too old. Please build FA3 beta release from source.")
+    report["diffusers_backends"]["_flash_3"] = message
+    path = tmp_path / "h100-fa3-unseen.json"
+    path.write_text(json.dumps(report))
+    v = {r["backend"]: r for r in cli.json("doctor", "--report", path)["verdicts"]["backends"]}
+    assert v["flash-attn-3"]["status"] == "wrong version" and message in v["flash-attn-3"]["reason"]
+    assert "flash_attn_3 3.0.0b1 is installed, but diffusers can't use it" in v["flash-attn-3"]["reason"]
+    assert v["flash-attn-3"]["fix"] == "build FA3 beta release from source."
+    assert v["flash-attn"]["status"] == "usable"
+
+
 def test_a100_sage_cannot_serve_head_dim_160(cli):
     v, _ = verdicts(cli, "a100")
     sage = v["sage"]

@@ -101,6 +101,15 @@ def test_fallback_serves_other_layers_and_says_why(cli, tmp_path, register_backe
     assert {f["why"] for f in att["fallbacks"]} == {"head dim 32 > 16", "head dim 64 > 16"}
 
 
+def test_auto_reports_its_plan_not_fallbacks(cli, tmp_path):
+    """With --quantized, SageAttention heads auto's order and can't run here: that is auto's plan at work, not a
+    fallback. Only a backend the user named falls back."""
+    att = generate(cli, tmp_path, "--quantized", "--no-tune")["attention"]
+    assert att["chain"][0] == "sage-fp8-sm90" and att["served"] == {"sdpa": UNET_LAYERS * 3 + 1}
+    assert all("sage-fp8-sm90" in l["refused"] for l in att["layers"])
+    assert att["fallbacks"] == []
+
+
 def test_kernel_error_on_first_call_falls_back_or_fails(cli, tmp_path, register_backend):
     """A limit the checks don't know: the kernel's own error at the first call decides, per layer."""
     def short_only(q, k, v, attn_mask=None, scale=None):

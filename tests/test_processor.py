@@ -1,0 +1,112 @@
+"""The routed processor is diffusers' AttnProcessor2_0 step for step: for every branch of diffusers' `Attention`,
+routed through `sdpa` in fp32 it gives the very same numbers, and the routed call is the one that ran."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+from sdcli import backends, routing
+
+B, S, KV, DIM, CROSS = 2, 12, 7, 32, 24
+
+
+def inputs(seed=0, **shapes):
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(*shape, generator=gen) for name, shape in shapes.items()}
+
+
+def routed_and_stock(attn: Attention, stock=None, **call):
+    """(sdcli's output, diffusers' output) for one call; and that sdcli's routed `sdpa` call served it."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in attn.parameters():  # non-trivial affine norms and biases
+            p.add_(torch.randn(p.shape) * 0.1)
+    attn.set_processor(stock or AttnProcessor2_0())
+    with torch.no_grad():
+        expected = attn(**call)
+    router = routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa")
+    routing.route(SimpleNamespace(unet=attn), router)
+    assert isinstance(attn.processor, routing.RoutedAttnProcessor)
+    with torch.no_grad():
+        got = attn(**call)
+    assert router.served() == {"sdpa": 1}
+    return got, expected
+
+
+def additive_mask():
+    mask = torch.zeros(B, 1, KV)
+    mask[0, :, -3:] = float("-inf")
+    mask[1, :, :2] = -2.0
+    return mask
+
+
+def boolean_mask():
+    mask = torch.ones(B, 1, KV, dtype=torch.bool)
+    mask[0, :, -3:] = False
+    return mask
+
+
+CASES = {
+    "self": (dict(query_dim=DIM, heads=2, dim_head=16), lambda: inputs(hidden_states=(B, S, DIM))),
+    "cross": (dict(query_dim=DIM, cross_attention_dim=CROSS, heads=2, dim_head=16),
+              lambda: inputs(hidden_states=(B, S, DIM), encoder_hidden_states=(B, KV, CROSS))),
+    "norm_cross": (dict(query_dim=DIM, cross_attention_dim=CROSS, heads=2, dim_head=16,
+                        cross_attention_norm="layer_norm"),
+                   lambda: inputs(hidden_states=(B, S, DIM), encoder_hidden_states=(B, KV, CROSS))),
+    "group_norm_residual_rescale": (dict(query_dim=DIM, heads=2, dim_head=16, norm_num_groups=8,
+                                         residual_connection=True, rescale_output_factor=2.0),
+                                    lambda: inputs(hidden_states=(B, S, DIM))),
+    "vae_4d_input": (dict(query_dim=DIM, heads=1, dim_head=DIM, norm_num_groups=8, residual_connection=True,
+                          rescale_output_factor=1.0, bias=True, upcast_softmax=True, _from_deprecated_attn_block=True),
+                     lambda: inputs(hidden_states=(B, DIM, 3, 4))),
+    "spatial_norm": (dict(query_dim=DIM, heads=1, dim_head=DIM, spatial_norm_dim=4, residual_connection=True),
+                     lambda: inputs(hidden_states=(B, DIM, 4, 4), temb=(B, 4, 2, 2))),
+    "qk_layer_norm": (dict(query_dim=DIM, heads=2, dim_head=16, qk_norm="layer_norm"),
+                      lambda: inputs(hidden_states=(B, S, DIM))),
+    "qk_rms_norm": (dict(query_dim=DIM, heads=2, dim_head=16, qk_norm="rms_norm", eps=1e-6),
+                    lambda: inputs(hidden_states=(B, S, DIM))),
+    "out_dim": (dict(query_dim=DIM, heads=2, dim_head=16, out_dim=48), lambda: inputs(hidden_states=(B, S, DIM))),
+    "additive_mask": (dict(query_dim=DIM, cross_attention_dim=CROSS, heads=2, dim_head=16),
+                      lambda: {**inputs(hidden_states=(B, S, DIM), encoder_hidden_states=(B, KV, CROSS)),
+                               "attention_mask": additive_mask()}),
+    "boolean_mask": (dict(query_dim=DIM, cross_attention_dim=CROSS, heads=2, dim_head=16),
+                     lambda: {**inputs(hidden_states=(B, S, DIM), encoder_hidden_states=(B, KV, CROSS)),
+                              "attention_mask": boolean_mask()}),
+    "scale_qk_false": (dict(query_dim=DIM, heads=2, dim_head=16, scale_qk=False),
+                       lambda: inputs(hidden_states=(B, S, DIM))),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_routed_processor_equals_attn_processor_2_0(case):
+    config, call = CASES[case]
+    got, expected = routed_and_stock(Attention(**config), **call())
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("case", ["self", "cross"])
+def test_fused_projections_are_the_ones_used(case):
+    """After diffusers' fuse_projections the routed processor equals FusedAttnProcessor2_0. The fused weights are
+    then changed, so only a processor that really uses to_qkv / to_kv can still match."""
+    config, call = CASES[case]
+    attn = Attention(**config)
+    attn.fuse_projections()
+    fused = attn.to_qkv if case == "self" else attn.to_kv
+    with torch.no_grad():
+        fused.weight.mul_(1.5)
+    got, expected = routed_and_stock(attn, FusedAttnProcessor2_0(), **call())
+    assert torch.equal(got, expected)
+
+
+def test_a_legacy_processor_with_its_own_scale_is_not_rerouted():
+    """diffusers' old AttnProcessor honours attn.scale (scale_qk=False: 1.0); AttnProcessor2_0, which sdcli's
+    processor follows, ignores it. Routing such a module would change its numbers, so sdcli refuses to."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    attn = Attention(query_dim=DIM, heads=2, dim_head=16, scale_qk=False)
+    assert isinstance(attn.processor, AttnProcessor)
+    router = routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa")
+    with pytest.raises(routing.RoutingError, match=r"scale 1 \(scale_qk=False\)"):
+        routing.route(SimpleNamespace(unet=attn), router)
