@@ -97,13 +97,14 @@ def unroute(pipe) -> None:
 
 
 def doctor(device: str | None = None, dtype: str | None = None, probe: bool = False, report: str | Path | None = None,
-           on_progress=None) -> dict:
+           on_progress=None, family: str | None = None) -> dict:
     """What this machine (or a saved `report`) can run: the same dict as `sdcli doctor --json`, with keys
-    report, verdicts, probe (with `probe=True`: each usable backend measured at SD's shapes), plans and
-    skipped_cache_files (files in auto's plan cache that are not plans, and why)."""
+    report, verdicts, probe (with `probe=True`: each usable backend measured at SD's shapes; with `family`,
+    e.g. "sdxl", that family's shapes only), plans and skipped_cache_files (files in auto's plan cache that
+    are not plans, and why)."""
     from sdcli import doctor as diagnosis
 
-    return diagnosis.diagnose(Path(report) if report else None, probe, device, dtype, on_progress)
+    return diagnosis.diagnose(Path(report) if report else None, probe, device, dtype, on_progress, family)
 
 
 def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 42, steps: int = 30,

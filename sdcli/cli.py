@@ -101,13 +101,16 @@ def doctor(
         "--probe", help="Run every usable backend once at SD attention shapes: error vs fp32 and time.")] = False,
     device: Annotated[Optional[str], typer.Option(help="Judge for this device (cuda:N or cpu).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Judge shapes in this dtype: fp16, bf16 or fp32.")] = None,
+    family: Annotated[Optional[str], typer.Option(
+        help="Judge and probe only the layer shapes of this model family: sd1, sd2, sdxl, sd3.5, flux or vae.")] = None,
 ) -> None:
     """What this machine can run: GPU, packages, and a verdict with a fix for every attention backend."""
     from sdcli import api
 
     bar, on_progress = views.probe_progress(enabled=probe and not json_out)
     with bar:
-        result = api.doctor(device=device, dtype=dtype, probe=probe, report=report, on_progress=on_progress)
+        result = api.doctor(device=device, dtype=dtype, probe=probe, report=report, on_progress=on_progress,
+                            family=family)
     if json_out:
         views.emit_json(result)
     else:

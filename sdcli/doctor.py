@@ -8,6 +8,7 @@ usable backend at those shapes. Everything here returns plain data; views.py dra
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from sdcli import SdcliError, callable_module, hardware, numerics, timing, validate
@@ -30,18 +31,30 @@ REFERENCE_SHAPES = {
 CPU_PROBE_SEQ = 1024
 
 
-def serves(backend: Backend, machine: Machine, dtype: str) -> dict:
+def reference_shapes(family: str | None = None) -> dict:
+    """REFERENCE_SHAPES, or the families whose name holds `family` (case, spaces and dots ignored: "sdxl",
+    "sd1", "sd 3.5", "flux", "vae"); none matching is bad input."""
+    if family is None:
+        return REFERENCE_SHAPES
+    squash = lambda text: re.sub(r"[\s.]", "", text.lower())  # noqa: E731
+    chosen = {name: shapes for name, shapes in REFERENCE_SHAPES.items() if squash(family) in squash(name)}
+    if not family.strip() or not chosen:
+        raise SdcliError(f"--family {family!r} matches none of: {', '.join(REFERENCE_SHAPES)}")
+    return chosen
+
+
+def serves(backend: Backend, machine: Machine, dtype: str, families: dict) -> dict:
     """Which reference layer shapes the backend takes: {family: {"ok": n, "of": m, "refused": [why, ...]}}."""
     out = {}
-    for family, shapes in REFERENCE_SHAPES.items():
+    for family, shapes in families.items():
         verdicts = [backend.verdict(machine, Shape(h, d, q, kv, dtype)) for h, d, q, kv in shapes]
         refused = list(dict.fromkeys(v.reason for v in verdicts if not v.usable))
         out[family] = {"ok": sum(v.usable for v in verdicts), "of": len(shapes), "refused": refused}
     return out
 
 
-def assess(report: dict, device: str | None = None, dtype: str | None = None) -> dict:
-    """Every backend's verdict for this machine, and which Stable Diffusion layers it could serve."""
+def assess(report: dict, device: str | None = None, dtype: str | None = None, families: dict = REFERENCE_SHAPES) -> dict:
+    """Every backend's verdict for this machine, and which layers of `families` it could serve."""
     machine = Machine(report, device)
     dtype = dtype or hardware.default_dtype(machine)
     rows = []
@@ -50,7 +63,7 @@ def assess(report: dict, device: str | None = None, dtype: str | None = None) ->
         rows.append({
             "backend": backend.name, "kind": backend.kind, "origin": backend.origin, "summary": backend.summary,
             "status": v.status, "reason": v.reason, "fix": v.fix,
-            "serves": serves(backend, machine, dtype) if v.usable else None,
+            "serves": serves(backend, machine, dtype, families) if v.usable else None,
         })
     for name, error in plugin_errors().items():
         rows.append({"backend": name, "kind": "?", "origin": "plugin", "summary": "failed to load",
@@ -59,12 +72,12 @@ def assess(report: dict, device: str | None = None, dtype: str | None = None) ->
     return {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype, "backends": rows}
 
 
-def probe(report: dict, verdicts: dict, on_progress=None) -> list[dict]:
-    """Run every usable backend at each reference self-attention shape it takes: judged against exact attention
-    by compare's rule (why, when it fails) and timed. on_progress(text, total) before each shape."""
+def probe(report: dict, verdicts: dict, on_progress=None, families: dict = REFERENCE_SHAPES) -> list[dict]:
+    """Run every usable backend at each self-attention shape of `families` it takes: judged against exact
+    attention by compare's rule (why, when it fails) and timed. on_progress(text, total) before each shape."""
     cap = None if verdicts["device"].startswith("cuda") else CPU_PROBE_SEQ
     shapes = []
-    for items in REFERENCE_SHAPES.values():
+    for items in families.values():
         for heads, head_dim, q, kv in items:
             shape = Shape(heads, head_dim, min(q, cap or q), min(kv, cap or kv), verdicts["dtype"])
             if kv != 77 and shape not in shapes:  # self-attention only: the big calls, where kernels differ
@@ -94,9 +107,11 @@ def load_report(path: Path) -> dict:
 
 
 def diagnose(report: Path | None = None, probe_kernels: bool = False, device: str | None = None,
-             dtype: str | None = None, on_progress=None) -> dict:
+             dtype: str | None = None, on_progress=None, family: str | None = None) -> dict:
     """The whole doctor report: the machine (probed now, or read from `report`), every backend's verdict, the
-    probe's measurements (if asked) and the measured plans cached for this machine."""
+    probe's measurements (if asked) and the measured plans cached for this machine; with `family`, the layer
+    shapes judged and probed are that family's alone."""
+    families = reference_shapes(family)
     if dtype is not None and dtype not in numerics.DTYPES:
         raise SdcliError(f"--dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
     validate.device(device, auto=False)
@@ -104,8 +119,8 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
         raise SdcliError("--probe runs kernels on this machine; it can't be combined with --report")
     data = load_report(report) if report else hardware.probe()
     validate.gpu_in_report(device, data)
-    verdicts = assess(data, device, dtype)
-    probed = probe(data, verdicts, on_progress) if probe_kernels else None
+    verdicts = assess(data, device, dtype, families)
+    probed = probe(data, verdicts, on_progress, families) if probe_kernels else None
     from sdcli import tuning  # loads torch: after the checks, so that bad input fails fast
 
     # plans measured on this machine, and the cache files that are not plans

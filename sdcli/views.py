@@ -46,7 +46,10 @@ def serves_text(serves: dict | None) -> str:
         return ""
     partial = {f: v for f, v in serves.items() if v["ok"] < v["of"]}
     if not partial:
-        return "serves every layer of SD 1.x to 3.5, Flux.1 and the VAE"
+        from sdcli.doctor import REFERENCE_SHAPES
+
+        judged = "SD 1.x to 3.5, Flux.1 and the VAE" if set(serves) == set(REFERENCE_SHAPES) else ", ".join(serves)
+        return f"serves every layer of {judged}"
     return "\n".join(f"{f}: {v['ok']}/{v['of']} layer shapes ({'; '.join(v['refused'])})" for f, v in partial.items())
 
 

@@ -76,6 +76,7 @@ def test_table_rows_are_one_line_and_exit_2(tmp_path, args, message):
     (["doctor", "--device", "cuda:1", "--report", REPORTS / "h100.json"], "--device cuda:1: there is no GPU 1 (GPUs: 0)"),
     (["doctor", "--device", "cuda", "--report", REPORTS / "cpu.json"], "--device cuda: there is no GPU 0 (GPUs: none)"),
     (["doctor", "--probe", "extra"], "unexpected extra argument"),
+    (["doctor", "--family", "sd9"], "--family 'sd9' matches none of: SD 1.x 512², SD 2.x 768², SDXL 1024²"),
     (["nosuch"], "No such command 'nosuch'"),
     (["--bogus"], "No such option: --bogus"),
 ])
