@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
 from torch.compiler import is_compiling
+from torch.nn.attention import SDPBackend
 
 from sdcli import SdcliError, backends, error_line, families
 from sdcli.backends import Backend, Shape
@@ -59,10 +62,11 @@ class Layer:
     calls: Counter = field(default_factory=Counter)   # backend -> calls that it served
     shapes: set = field(default_factory=set)          # every full Shape seen, batch included
     kernels: dict[str, str] = field(default_factory=dict)  # backend -> the kernel torch picked, for `sdpa`
-    routes: dict = field(default_factory=dict, repr=False)  # (q_len, kv_len, masked, dtype) -> Backend
+    routes: dict = field(default_factory=dict, repr=False)  # (q_len, kv_len, masked, dtype) -> Choice
     # Inside a torch.compile graph a Python int can't be counted without a recompile per call (dynamo guards on
     # its value), so compiled calls add to a tensor instead; `served` sums both.
     graph_calls: dict = field(default_factory=dict, repr=False)  # backend -> 0-d int64 tensor on the device
+    fused: bool = False  # diffusers' fused q/k/v projections (to_qkv, to_kv)
 
     def served(self) -> Counter:
         total = Counter(self.calls)
@@ -85,6 +89,15 @@ class Layer:
     @property
     def seqs(self) -> list[tuple[int, int]]:
         return sorted({(s.q_len, s.kv_len) for s in self.shapes})
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What serves one layer at one shape: the backend (what is counted), and the cheapest eager call that
+    runs that backend's kernel (see eager_call). Inside a compiled graph the backend's own function is traced."""
+
+    backend: Backend
+    eager: Callable
 
 
 class Router:
@@ -131,7 +144,8 @@ class Router:
         weight = attn.to_q.weight if hasattr(attn, "to_q") else attn.to_qkv.weight
         heads = attn.heads
         head_dim = attn.inner_dim // heads
-        layer = Layer(name, attention, heads, head_dim, dtype_name(weight.dtype))
+        layer = Layer(name, attention, heads, head_dim, dtype_name(weight.dtype),
+                      fused=getattr(attn, "fused_projections", False))
         shape = Shape(heads, head_dim, dtype=layer.dtype)
         machine = self._machine(weight.device)
         for backend in self.chain:
@@ -161,21 +175,21 @@ class Router:
 
     def attend(self, layer: Layer, q, k, v, mask=None):
         key = (q.shape[1], k.shape[1], mask is not None, q.dtype)
-        backend = layer.routes.get(key)
-        if backend is None:
-            backend, out = self._first_call(layer, key, q, k, v, mask)
+        choice = layer.routes.get(key)
+        if choice is None:
+            choice, out = self._first_call(layer, key, q, k, v, mask)
+        elif is_compiling():
+            out = choice.backend.call(q, k, v, attn_mask=mask)
         else:
-            out = backend.run(q, k, v, attn_mask=mask)
+            out = choice.eager(q, k, v, attn_mask=mask)
         if is_compiling():
-            layer.graph_calls[backend.name].add_(1)
+            layer.graph_calls[choice.backend.name].add_(1)
         else:
-            layer.calls[backend.name] += 1
+            layer.calls[choice.backend.name] += 1
         return out
 
     def _first_call(self, layer: Layer, key, q, k, v, mask):
         """Check a new shape against each candidate, try its kernel, keep the first that works."""
-        import torch
-
         shape = layer.shape_of(q, k, mask)
         layer.shapes.add(shape)
         machine = self._machine(q.device)
@@ -192,12 +206,12 @@ class Router:
             if verdict.usable:
                 try:
                     out = backend.run(q, k, v, attn_mask=mask)
-                    layer.routes[key] = backend
+                    layer.routes[key] = Choice(backend, eager_call(backend, q, k, v, mask))
                     if backend.name not in layer.graph_calls:
                         layer.graph_calls[backend.name] = torch.zeros((), dtype=torch.int64, device=q.device)
                     if backend.diffusers_name == "native":
                         layer.kernels[backend.name] = sdpa_kernel_choice(q, k, v, mask)
-                    return backend, out
+                    return layer.routes[key], out
                 except torch.OutOfMemoryError:
                     raise  # a full GPU is not the kernel's fault; the caller decides (bench searches batch sizes)
                 except Exception as exc:
@@ -276,14 +290,60 @@ class CapturingRouter(Router):
 
 def sdpa_kernel_choice(q, k, v, mask) -> str:
     """Which kernel plain SDPA picks for these tensors (torch's own dispatcher, asked directly)."""
-    import torch
-    from torch.nn.attention import SDPBackend
-
     try:
         choice = torch._fused_sdp_choice(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return SDPBackend(choice).name.lower()
     except Exception:
         return "unknown"
+
+
+def eager_call(backend: Backend, q, k, v, mask) -> Callable:
+    """The cheapest eager call that runs `backend`'s kernel on tensors like these.
+
+    diffusers' single-kernel SDPA backends (`sdpa-flash`, ...) wrap every call in
+    torch.nn.attention.sdpa_kernel, which costs more host time than the rest of the call (docs/benchmarks.md).
+    Where plain SDPA picks that kernel anyway, the native call runs it without any switch; otherwise only the
+    kernels SDPA would pick first are switched off around the native call. torch's own chooser
+    (torch._fused_sdp_choice) says which those are and confirms the kernel, once per route."""
+    kernel = SDPA_KERNELS.get(backend.diffusers_name)
+    if kernel is None:
+        return backend.call
+    native = backends.get("sdpa").call
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    switches = []  # torch._C._set_sdp_use_<kernel> of each kernel that SDPA would pick before this one
+    try:
+        while (choice := torch._fused_sdp_choice(qt, kt, vt, mask)) != kernel:
+            if choice not in SDPA_SWITCHES:
+                return backend.call
+            switches.append(getattr(torch._C, SDPA_SWITCHES[choice]))
+            switches[-1](False)
+    except Exception:  # no kernel left that takes these tensors, or no chooser for their device (meta)
+        return backend.call
+    finally:
+        for switch in switches:
+            switch(True)
+    if not switches:
+        return native
+
+    def switched(q, k, v, attn_mask=None):
+        for switch in switches:
+            switch(False)
+        try:
+            return native(q, k, v, attn_mask=attn_mask)
+        finally:
+            for switch in switches:
+                switch(True)
+
+    return switched
+
+
+# diffusers' single-kernel SDPA backends -> torch's number for that kernel; that number -> the kernel's switch
+SDPA_KERNELS = {name: int(getattr(SDPBackend, kernel)) for name, kernel in (
+    ("_native_flash", "FLASH_ATTENTION"), ("_native_efficient", "EFFICIENT_ATTENTION"),
+    ("_native_cudnn", "CUDNN_ATTENTION"), ("_native_math", "MATH"))}
+SDPA_SWITCHES = {int(getattr(SDPBackend, kernel)): f"_set_sdp_use_{switch}" for kernel, switch in (
+    ("FLASH_ATTENTION", "flash"), ("EFFICIENT_ATTENTION", "mem_efficient"), ("CUDNN_ATTENTION", "cudnn"),
+    ("MATH", "math"), ("OVERRIDEABLE", "overrideable"))}
 
 
 class RoutedAttnProcessor:
@@ -311,7 +371,8 @@ class RoutedAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        if getattr(attn, "fused_projections", False) and encoder_hidden_states is None:
+        fused = self.layer.fused
+        if fused and encoder_hidden_states is None:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query = attn.to_q(hidden_states)
@@ -319,7 +380,7 @@ class RoutedAttnProcessor:
                 encoder_hidden_states = hidden_states
             elif attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            if getattr(attn, "fused_projections", False):
+            if fused:
                 key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
             else:
                 key = attn.to_k(encoder_hidden_states)
