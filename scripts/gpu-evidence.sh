@@ -17,7 +17,10 @@ mkdir -p "$out"
 sdcli() { python3 -m sdcli "$@"; }
 run() { echo "$*" >> "$out/commands.txt"; "$@"; }
 run nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv"
-run python3 -m pytest -q -m gpu tests > "$out/gpu-tests.txt" 2>&1
+run python3 -m pytest -q -m gpu tests > "$out/gpu-tests.txt" 2>&1   # among them: reduce-overhead keeps CUDA graphs
+# host time per routed call, every backend that runs through diffusers (docs/benchmarks.md)
+device=$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+run python3 scripts/attention_overhead.py --device "$device" --json > "$out/attention-overhead.json"
 run sdcli doctor --json --probe > "$out/doctor-probe.json"
 # xformers on a CUDA 13 torch: does doctor's fix (the CUDA 12 runtime on the loader's path) make its ops load?
 cudart=$(python3 -c 'import nvidia.cuda_runtime as m; print(m.__path__[0])' 2>/dev/null)/lib

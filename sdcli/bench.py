@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from sdcli import backends, families, hardware, pipeline, routing, timing, tuning
+from sdcli import backends, families, hardware, pipeline, routing, speed, timing, tuning
 from sdcli.images import write_new
 
 STOCK = "diffusers"
@@ -96,7 +96,7 @@ class Runner:
         (with tune=False it keeps the plan it has: the batch search needs memory, not speed)."""
         run = self.run
         new = {o for o in config.options if o != "compile"} - self.applied
-        pipeline.apply_speed_options(run.pipe, "fuse-qkv" in new, "channels-last" in new)
+        speed.apply(run.pipe, "fuse-qkv" in new, "channels-last" in new)
         self.applied |= new
         s = run.settings  # what auto's plan key reads: the options this pipeline now runs with
         s.fuse_qkv, s.channels_last, s.compile = "fuse-qkv" in self.applied, "channels-last" in self.applied, \
@@ -113,7 +113,7 @@ class Runner:
         run.router = routing.route(run.pipe, routing.Router.for_request(
             config.backend, run.report, run.device, fallback=True, preferred=preferred))
         if config.compiled and "compile" not in self.applied:
-            pipeline.compile_denoiser(run, batch)
+            speed.compile(run.pipe, "default", denoiser=True)
             self.applied.add("compile")
         return run.router
 

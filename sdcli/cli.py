@@ -151,7 +151,18 @@ TuneOpt = Annotated[bool, typer.Option(
     help="--backend auto measures the fastest backend per layer shape on first use and caches it; --no-tune "
          "uses the documented order instead.")]
 RetuneOpt = Annotated[bool, typer.Option("--retune", help="Measure auto's plan again, ignoring the cached one.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet or transformer (slow first call).")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the UNet or transformer (the first call of each batch size runs eagerly, the "
+                      "next compiles).")]
+CompileModeOpt = Annotated[str, typer.Option(
+    help="torch.compile's mode: default, reduce-overhead (CUDA graphs) or max-autotune. Without a CUDA GPU, "
+         "no CUDA graphs: reduce-overhead compiles in default mode.")]
+CompileVaeOpt = Annotated[bool, typer.Option("--compile-vae", help="torch.compile the VAE's decode too.")]
+Tf32Opt = Annotated[bool, typer.Option(
+    help="TF32 for fp32 matmuls and convolutions on CUDA GPUs (diffusers' advice); --no-tf32 keeps full fp32.")]
+CudnnBenchmarkOpt = Annotated[bool, typer.Option(
+    "--cudnn-benchmark", help="Let cuDNN time its convolution algorithms (the VAE's) and keep the fastest; "
+                              "the pixels may then differ between runs.")]
 ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last",
                                                 help="Denoiser and VAE in channels-last memory format.")]
 FuseQkvOpt = Annotated[bool, typer.Option("--fuse-qkv", help="diffusers' fused q/k/v projections.")]
@@ -169,8 +180,12 @@ def generate(
     tune: TuneOpt = True,
     retune: RetuneOpt = False,
     compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
+    compile_vae: CompileVaeOpt = False,
     channels_last: ChannelsLastOpt = False,
     fuse_qkv: FuseQkvOpt = False,
+    tf32: Tf32Opt = True,
+    cudnn_benchmark: CudnnBenchmarkOpt = False,
     steps: StepsOpt = 30,
     guidance: GuidanceOpt = None,
     width: WidthOpt = None,
@@ -202,7 +217,8 @@ def generate(
         prompts=prompts, negative_prompt=negative_prompt, model=model, steps=steps, guidance=guidance,
         width=width, height=height, seed=seed, batch_size=batch_size, num_images=num_images, scheduler=scheduler,
         dtype=dtype, vae_dtype=vae_dtype, device=device, backend=backend, fallback=fallback, quantized=quantized,
-        tune=tune, retune=retune, compile=compile_, channels_last=channels_last, fuse_qkv=fuse_qkv,
+        tune=tune, retune=retune, compile=compile_, compile_mode=compile_mode, compile_vae=compile_vae,
+        channels_last=channels_last, fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark,
         output_dir=output_dir)
     if resume and seed is None:
         raise SdcliError("--resume needs the --seed of the run it finishes (without one, seeds are random and "

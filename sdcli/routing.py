@@ -10,7 +10,9 @@ count, not the request, is what sdcli reports as having run.
 
 A plan is made per layer from its static shape (heads, head dim, dtype) when the processors are
 installed. The first call with a new sequence length or mask is checked again with the full shape,
-and its kernel's own error is caught. From then on a call is one dictionary lookup and the kernel.
+and its kernel's own error is caught; that call always runs eagerly, never inside a torch.compile
+graph. From then on a call is one dictionary lookup, one count and the kernel. A compiled forward
+counts nothing inside its graph: sdcli.speed counts its calls per forward, outside.
 """
 
 from __future__ import annotations
@@ -63,16 +65,10 @@ class Layer:
     shapes: set = field(default_factory=set)          # every full Shape seen, batch included
     kernels: dict[str, str] = field(default_factory=dict)  # backend -> the kernel torch picked, for `sdpa`
     routes: dict = field(default_factory=dict, repr=False)  # (q_len, kv_len, masked, dtype) -> Choice
-    # Inside a torch.compile graph a Python int can't be counted without a recompile per call (dynamo guards on
-    # its value), so compiled calls add to a tensor instead; `served` sums both.
-    graph_calls: dict = field(default_factory=dict, repr=False)  # backend -> 0-d int64 tensor on the device
     fused: bool = False  # diffusers' fused q/k/v projections (to_qkv, to_kv)
 
     def served(self) -> Counter:
-        total = Counter(self.calls)
-        for name, count in self.graph_calls.items():
-            total[name] += int(count.item())
-        return +total
+        return +self.calls
 
     def to_json(self) -> dict:
         return {
@@ -103,7 +99,8 @@ class Choice:
 class Router:
     """Chooses and counts. `chain` is the order to try per layer; `strict` means only chain[0] may serve.
     `preferred` (Shape.key -> backend name) puts a measured choice first; `measure(shape, machine)`, if given,
-    is asked for that choice at a shape the plan does not cover, at its first call (sdcli.tuning.fastest)."""
+    is asked for that choice at a shape the plan does not cover, at its first call (sdcli.tuning.fastest).
+    `counting` is switched off by sdcli.speed while a compiled forward runs: it counts those calls itself."""
 
     def __init__(self, chain: list[Backend], machine: Machine, strict: bool, requested: str,
                  preferred: dict | None = None, measure=None):
@@ -114,6 +111,7 @@ class Router:
         self.preferred = preferred or {}
         self.measure = measure
         self.layers: list[Layer] = []
+        self.counting = True
 
     @classmethod
     def for_request(cls, requested: str, report: dict, device: str, fallback: bool | str = False,
@@ -174,28 +172,24 @@ class Router:
     # ----- the hot path -------------------------------------------------------------------------------
 
     def attend(self, layer: Layer, q, k, v, mask=None):
-        key = (q.shape[1], k.shape[1], mask is not None, q.dtype)
-        choice = layer.routes.get(key)
+        choice = layer.routes.get((q.shape[1], k.shape[1], mask is not None, q.dtype))
         if choice is None:
-            choice, out = self._first_call(layer, key, q, k, v, mask)
-        elif is_compiling():
-            out = choice.backend.call(q, k, v, attn_mask=mask)
-        else:
-            out = choice.eager(q, k, v, attn_mask=mask)
-        if is_compiling():
-            layer.graph_calls[choice.backend.name].add_(1)
-        else:
+            return self._first_call(layer, q, k, v, mask)
+        if self.counting:
             layer.calls[choice.backend.name] += 1
-        return out
+        if is_compiling():
+            return choice.backend.call(q, k, v, attn_mask=mask)
+        return choice.eager(q, k, v, attn_mask=mask)
 
-    def _first_call(self, layer: Layer, key, q, k, v, mask):
+    @torch.compiler.disable  # tries kernels inside try/except: never traced, so never a graph break or a guard
+    def _first_call(self, layer: Layer, q, k, v, mask):
         """Check a new shape against each candidate, try its kernel, keep the first that works."""
         shape = layer.shape_of(q, k, mask)
         layer.shapes.add(shape)
         machine = self._machine(q.device)
         start = [b.name for b in self.chain].index(layer.planned)
         candidates = self.chain[start:]
-        if self.measure and shape.key not in self.preferred and not is_compiling():
+        if self.measure and shape.key not in self.preferred:
             self.preferred[shape.key] = self.measure(shape, machine)
         if self.preferred.get(shape.key):  # measured fastest for this shape: try it first
             best = backends.get(self.preferred[shape.key])
@@ -206,12 +200,13 @@ class Router:
             if verdict.usable:
                 try:
                     out = backend.run(q, k, v, attn_mask=mask)
-                    layer.routes[key] = Choice(backend, eager_call(backend, q, k, v, mask))
-                    if backend.name not in layer.graph_calls:
-                        layer.graph_calls[backend.name] = torch.zeros((), dtype=torch.int64, device=q.device)
+                    layer.routes[(q.shape[1], k.shape[1], mask is not None, q.dtype)] = \
+                        Choice(backend, eager_call(backend, q, k, v, mask))
                     if backend.diffusers_name == "native":
                         layer.kernels[backend.name] = sdpa_kernel_choice(q, k, v, mask)
-                    return layer.routes[key], out
+                    if self.counting:
+                        layer.calls[backend.name] += 1
+                    return out
                 except torch.OutOfMemoryError:
                     raise  # a full GPU is not the kernel's fault; the caller decides (bench searches batch sizes)
                 except Exception as exc:
@@ -226,13 +221,17 @@ class Router:
 
     def reset_counts(self) -> None:
         """Forget calls so far (a warm-up's), keeping the routes."""
-        import torch
-
         for layer in self.layers:
             layer.calls.clear()
-            with torch.inference_mode():  # the counters were made inside the pipeline's inference mode
-                for count in layer.graph_calls.values():
-                    count.zero_()  # in place: a compiled graph holds on to these very tensors
+
+    def counts(self) -> Counter:
+        """(layer index, backend) -> calls so far; two snapshots' difference is what happened in between."""
+        return Counter({(i, name): n for i, layer in enumerate(self.layers) for name, n in layer.calls.items()})
+
+    def add(self, counts: Counter) -> None:
+        """Add calls made where they could not be counted one by one (inside a compiled graph)."""
+        for (i, name), n in counts.items():
+            self.layers[i].calls[name] += n
 
     def served(self) -> Counter:
         """Calls per backend over all layers: what actually ran."""
@@ -499,6 +498,13 @@ def stock_processor(module):
         return processor.stock
     route = getattr(processor, "_attention_backend", None)
     return route.stock if isinstance(route, Route) else processor
+
+
+def router_of(module) -> Router | None:
+    """The router that serves `module`'s attention, or None where sdcli has not routed it."""
+    processor = module.processor
+    route = getattr(processor, "_attention_backend", None)
+    return route.router if isinstance(route, Route) else getattr(processor, "router", None)
 
 
 JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")  # SD 3's: F.sdpa inside

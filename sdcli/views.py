@@ -239,6 +239,8 @@ def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
                           f"image{'s' if r['images'] != 1 else ''} in {r['seconds']:.1f} s"
                           + (f", {len(r['skipped'])} already there" if r["skipped"] else "")
                           + (f"; {r['error']}" if r["error"] else ""), soft_wrap=True)
+        if (summary.get("speed") or {}).get("note"):
+            warning(summary["speed"]["note"])
         if summary["attention"]:  # None when rank 0 had nothing left to make
             print_attention(summary["attention"], verbose, "rank 0" if ranks > 1 else "")
         if summary.get("tuning"):
