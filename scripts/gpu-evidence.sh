@@ -40,4 +40,8 @@ run sdcli compare --seed 42 -m "$model_sd3" --dtype "$dtype_dit" --steps "${step
 run sdcli compare --seed 42 -m "$model_flux" --dtype "$dtype_dit" --steps "${steps:-10}" -o "$out/compare-flux" --json > "$out/compare-flux.json"
 run sdcli bench -m "$model_flux" --dtype "$dtype_dit" --steps "${steps:-28}" --batch-sizes 1,2,4 --max-batch 16 \
     -o "$out/bench-flux" --json > "$out/bench-flux.json"
+# CUDA graphs with routing on, and the VAE compiled and autotuned too (on a CPU: default mode, and it says so)
+run sdcli bench -m "$model" --dtype "$dtype" --steps "${steps:-50}" --batch-sizes "${CUDAGRAPH_BATCH_SIZES:-1,4,16}" \
+    --compile --compile-mode reduce-overhead --compile-vae --cudnn-benchmark --no-micro --no-find-max \
+    -o "$out/bench-sd15-cudagraphs" --json > "$out/bench-sd15-cudagraphs.json"
 exit 0

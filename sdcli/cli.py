@@ -303,8 +303,12 @@ def bench(
         "--backends", help="Comma-separated backends; default: every exact one usable here (not the slow "
                            "sdpa-math and eager flex). Stock diffusers and auto are always measured.")] = None,
     compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
+    compile_vae: CompileVaeOpt = False,
     channels_last: ChannelsLastOpt = False,
     fuse_qkv: FuseQkvOpt = False,
+    tf32: Tf32Opt = True,
+    cudnn_benchmark: CudnnBenchmarkOpt = False,
     steps: StepsOpt = 50,
     guidance: GuidanceOpt = None,
     width: WidthOpt = None,
@@ -320,7 +324,8 @@ def bench(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """The throughput experiment: images/s by batch size for stock diffusers, each backend and auto; largest batch."""
+    """The throughput experiment: images/s by batch size for stock diffusers, each backend and auto (and, with speed
+    options, stock diffusers and auto with them); largest batch."""
     from sdcli import bench as bn
     from sdcli import pipeline
 
@@ -328,14 +333,15 @@ def bench(
     if repeats < 1 or max_batch < 1:
         raise SdcliError("--repeats and --max-batch must be at least 1")
     names = validate.names(backends_, "--backends")
-    options = tuple(o for o, on in (("fuse-qkv", fuse_qkv), ("channels-last", channels_last), ("compile", compile_)) if on)
     settings = pipeline.Settings(prompts=["a photo of an astronaut riding a horse on mars"], model=model, steps=steps,
                                  guidance=guidance, width=width, height=height, seed=0, dtype=dtype,
-                                 vae_dtype=vae_dtype, device=device, backend="sdpa", output_dir=output_dir)
+                                 vae_dtype=vae_dtype, device=device, backend="sdpa", compile=compile_,
+                                 compile_mode=compile_mode, compile_vae=compile_vae, channels_last=channels_last,
+                                 fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark, output_dir=output_dir)
     settings.validate()
     bar, on_progress = views.bench_progress(quiet)
     with bar:
-        result = bn.bench(settings, sizes, repeats, names, options, find_max, max_batch, micro, on_progress)
+        result = bn.bench(settings, sizes, repeats, names, find_max, max_batch, micro, on_progress)
     result = bn.save(result, output_dir)
     if json_out:
         views.emit_json(result)

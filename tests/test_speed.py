@@ -1,6 +1,9 @@
 """Speed options at full strength: compiled runs count exactly like eager ones, compile at most once per batch
-size, and hand dynamo graphs that mutate none of their inputs (so CUDA graphs stay possible). (Host time
-per call is measured by scripts/attention_overhead.py, not by a timed test.)"""
+size, hand dynamo graphs that mutate none of their inputs (so CUDA graphs stay possible), and bench keeps
+the attention gain and the options' gain apart. (Host time per call is measured by
+scripts/attention_overhead.py, not by a timed test.)"""
+
+import json
 
 import pytest
 import torch
@@ -90,6 +93,29 @@ def test_compiled_graphs_mutate_no_input(compiled_and_eager):
     """Inductor skips CUDA graphs for a graph that writes to its (non-static) inputs: sdcli's counting must not."""
     _, _, recorder, _ = compiled_and_eager
     assert recorder.graphs and [mutated_inputs(g) for g in recorder.graphs] == [[]] * len(recorder.graphs)
+
+
+def test_bench_separates_the_gains_and_says_cpu_has_no_cuda_graphs(cli, tmp_path, monkeypatch):
+    recorder = recording(monkeypatch)
+    text = cli("bench", "-m", "tiny", "--compile", "--compile-mode", "reduce-overhead", "--batch-sizes", "1,2",
+               "--steps", "2", "--repeats", "1", "--backends", "sdpa", "--no-micro", "--no-find-max",
+               "-o", tmp_path).stdout
+    assert "CUDA graphs, which need a CUDA GPU: compiled in default mode" in text
+    assert "attention choice, with the options: auto+compile is ×" in text
+    r = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert set(recorder.modes) == {"default"} and r["speed"]["compile_mode"] == "default"
+    rows = {c["name"]: c for c in r["configs"]}
+    assert list(rows) == ["diffusers", "sdpa", "auto", "diffusers+compile", "auto+compile"]
+    assert rows["diffusers+compile"]["backend"] is None and rows["diffusers+compile"]["options"] == ["compile"]
+    assert rows["auto+compile"]["baseline"] == "diffusers+compile" and rows["auto"]["baseline"] == "diffusers"
+    for c in r["configs"]:
+        assert c["speedup_vs_baseline"] > 0 and [p["batch"] for p in c["points"]] == [1, 2]
+        if c["backend"]:  # counted exactly, compiled or not
+            assert all(sum(p["served"].values()) == CALLS_PER_BATCH for p in c["points"])
+    assert [(s["row"], s["against"]) for s in r["summary"]] == [
+        ("auto", "diffusers"), ("auto+compile", "diffusers+compile"), ("diffusers+compile", "diffusers"),
+        ("auto+compile", "diffusers")]
+    torch._dynamo.reset()
 
 
 def test_precision_settings_are_in_effect_and_in_the_recipe(cli, tmp_path):
