@@ -2,8 +2,9 @@
 
 - diffusers' own: fused q/k/v projections and the channels-last memory format.
 - TF32 for the fp32 parts on CUDA (matmuls and convolutions), as diffusers' docs recommend; `--no-tf32`
-  keeps them in full fp32. cuDNN's autotuner (`cudnn.benchmark`) for the VAE's big convolutions, off
-  unless asked: it may pick another algorithm on the next run, and so another rounding.
+  keeps them in full fp32 (kernels are judged in full fp32 either way: numerics.full_fp32). cuDNN's
+  autotuner (`cudnn.benchmark`) for the VAE's big convolutions, off unless asked: it may pick another
+  algorithm on the next run, and so another rounding.
 - torch.compile of the denoiser (SD's UNet) and of the VAE's decode, in any of torch's modes, wrapped by
   `Compiled`.
 

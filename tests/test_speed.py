@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import sdpa
 from sdcli import images, pipeline, speed
 
 CALLS_PER_BATCH = 14 * 2 + 1  # 14 UNet attention layers × 2 steps (whole batch and CFG in one call) + the VAE's
@@ -133,6 +134,31 @@ def test_precision_settings_are_in_effect_and_in_the_recipe(cli, tmp_path):
     # on the CPU neither TF32 nor cuDNN exists: the recipe says what was in effect
     assert recipe["speed"] == data["speed"] == {"compile": None, "compile_vae": None, "fuse_qkv": False,
                                                 "channels_last": True, "tf32": False, "cudnn_benchmark": False}
+
+
+def test_accuracy_is_judged_without_tf32_where_the_run_allows_it(cli, tmp_path, register_backend, monkeypatch):
+    """The judge's fp32 reference and the kernel it judges run in full fp32 (TF32 has fp16's mantissa), while the
+    run itself keeps the TF32 it was given: compare's kernel-level replay, and auto's tuner."""
+    seen = []
+
+    def spy(q, k, v, attn_mask=None, scale=None):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return sdpa(q, k, v, attn_mask, scale)
+
+    register_backend("tf32-spy", spy)
+    monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path / "cache"))  # auto measures anew, the spy among its candidates
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # what --tf32 sets on a GPU (on a CPU sdcli leaves it alone)
+    try:
+        cli.json("compare", "--seed", 1, "-m", "tiny", "--steps", 1, "--backends", "tf32-spy", "-o", tmp_path)
+        assert set(seen) == {True, False}  # the image with TF32 allowed, the replayed calls without
+        seen.clear()
+        data = cli.json("generate", "a cat", "-m", "tiny", "--steps", 1, "-o", tmp_path)
+        assert "tf32-spy" in {m["backend"] for e in data["tuning"]["shapes"] for m in e["measurements"]}
+        assert seen[:2] == [False, False] and True in seen  # judged on two calls without TF32, then timed with it
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_compile_mode_needs_something_to_compile(cli, tmp_path):
