@@ -40,7 +40,13 @@ run sdcli compare --seed 42 -m "$model_sd3" --dtype "$dtype_dit" --steps "${step
 run sdcli compare --seed 42 -m "$model_flux" --dtype "$dtype_dit" --steps "${steps:-10}" -o "$out/compare-flux" --json > "$out/compare-flux.json"
 run sdcli bench -m "$model_flux" --dtype "$dtype_dit" --steps "${steps:-28}" --batch-sizes 1,2,4 --max-batch 16 \
     -o "$out/bench-flux" --json > "$out/bench-flux.json"
-# CUDA graphs with routing on, and the VAE compiled and autotuned too (on a CPU: default mode, and it says so)
+# CUDA graphs with routing on: generate with reduce-overhead, where inductor raises instead of skipping them
+# (TORCHINDUCTOR_CUDAGRAPH_OR_ERROR; on a CPU there are none: default mode, and it says so)
+run env TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1 TORCH_LOGS=cudagraphs python3 -m sdcli generate \
+    "a photo of an astronaut riding a horse on mars" -m "$model" --dtype "$dtype" --steps "${steps:-30}" \
+    --num-images 3 --compile --compile-mode reduce-overhead --seed 42 -o "$out/generate-cudagraphs" --json \
+    > "$out/generate-cudagraphs.json" 2> "$out/generate-cudagraphs.log"
+# and bench: the same options for stock diffusers and auto, the VAE compiled and autotuned too
 run sdcli bench -m "$model" --dtype "$dtype" --steps "${steps:-50}" --batch-sizes "${CUDAGRAPH_BATCH_SIZES:-1,4,16}" \
     --compile --compile-mode reduce-overhead --compile-vae --cudnn-benchmark --no-micro --no-find-max \
     -o "$out/bench-sd15-cudagraphs" --json > "$out/bench-sd15-cudagraphs.json"

@@ -92,7 +92,8 @@ class Settings:
             if getattr(self, name) not in DTYPE_CHOICES:
                 raise SdcliError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_CHOICES)}")
         if self.compile_mode not in speed.COMPILE_MODES:
-            raise SdcliError(f"--compile-mode must be one of {', '.join(speed.COMPILE_MODES)}, not {self.compile_mode!r}")
+            raise SdcliError(f"--compile-mode must be one of {', '.join(speed.COMPILE_MODES)}, "
+                             f"not {self.compile_mode!r}")
         if self.compile_mode != "default" and not (self.compile or self.compile_vae):
             raise SdcliError("--compile-mode needs --compile or --compile-vae")
         if self.backend != "auto":

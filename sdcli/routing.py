@@ -11,8 +11,9 @@ count, not the request, is what sdcli reports as having run.
 A plan is made per layer from its static shape (heads, head dim, dtype) when the processors are
 installed. The first call with a new sequence length or mask is checked again with the full shape,
 and its kernel's own error is caught; that call always runs eagerly, never inside a torch.compile
-graph. From then on a call is one dictionary lookup, one count and the kernel. A compiled forward
-counts nothing inside its graph: sdcli.speed counts its calls per forward, outside.
+graph. From then on a call is one dictionary lookup, one count and the kernel. A forward that sdcli
+compiled (sdcli.speed) counts nothing inside its graph: its calls are counted per forward, outside.
+Inside a graph of the caller's own torch.compile, calls add to a small CPU tensor per layer.
 """
 
 from __future__ import annotations
@@ -65,10 +66,16 @@ class Layer:
     shapes: set = field(default_factory=set)          # every full Shape seen, batch included
     kernels: dict[str, str] = field(default_factory=dict)  # backend -> the kernel torch picked, for `sdpa`
     routes: dict = field(default_factory=dict, repr=False)  # (q_len, kv_len, masked, dtype) -> Choice
+    # Calls inside a graph of the caller's own torch.compile (sdcli's --compile counts outside its graphs): a Python
+    # int would make dynamo recompile per call, so they add to a 0-d CPU tensor per backend (no device sync to read)
+    graph_calls: dict = field(default_factory=dict, repr=False)  # backend -> 0-d int64 CPU tensor
     fused: bool = False  # diffusers' fused q/k/v projections (to_qkv, to_kv)
 
     def served(self) -> Counter:
-        return +self.calls
+        total = Counter(self.calls)
+        for name, count in self.graph_calls.items():
+            total[name] += int(count)
+        return +total
 
     def to_json(self) -> dict:
         return {
@@ -100,7 +107,8 @@ class Router:
     """Chooses and counts. `chain` is the order to try per layer; `strict` means only chain[0] may serve.
     `preferred` (Shape.key -> backend name) puts a measured choice first; `measure(shape, machine)`, if given,
     is asked for that choice at a shape the plan does not cover, at its first call (sdcli.tuning.fastest).
-    `counting` is switched off by sdcli.speed while a compiled forward runs: it counts those calls itself."""
+    `counting` is switched off by sdcli.speed while a forward it compiled runs: it counts those calls itself,
+    outside the graph."""
 
     def __init__(self, chain: list[Backend], machine: Machine, strict: bool, requested: str,
                  preferred: dict | None = None, measure=None):
@@ -175,11 +183,13 @@ class Router:
         choice = layer.routes.get((q.shape[1], k.shape[1], mask is not None, q.dtype))
         if choice is None:
             return self._first_call(layer, q, k, v, mask)
-        if self.counting:
-            layer.calls[choice.backend.name] += 1
-        if is_compiling():
-            return choice.backend.call(q, k, v, attn_mask=mask)
-        return choice.eager(q, k, v, attn_mask=mask)
+        if not is_compiling():
+            if self.counting:
+                layer.calls[choice.backend.name] += 1
+            return choice.eager(q, k, v, attn_mask=mask)
+        if self.counting:  # a graph of the caller's own torch.compile
+            layer.graph_calls[choice.backend.name].add_(1)
+        return choice.backend.call(q, k, v, attn_mask=mask)
 
     @torch.compiler.disable  # tries kernels inside try/except: never traced, so never a graph break or a guard
     def _first_call(self, layer: Layer, q, k, v, mask):
@@ -204,6 +214,9 @@ class Router:
                         Choice(backend, eager_call(backend, q, k, v, mask))
                     if backend.diffusers_name == "native":
                         layer.kernels[backend.name] = sdpa_kernel_choice(q, k, v, mask)
+                    if backend.name not in layer.graph_calls:
+                        with torch.inference_mode(False):  # a normal tensor: in place in and out of inference mode
+                            layer.graph_calls[backend.name] = torch.zeros((), dtype=torch.int64)
                     if self.counting:
                         layer.calls[backend.name] += 1
                     return out
@@ -223,6 +236,8 @@ class Router:
         """Forget calls so far (a warm-up's), keeping the routes."""
         for layer in self.layers:
             layer.calls.clear()
+            for count in layer.graph_calls.values():
+                count.zero_()  # in place: a compiled graph holds on to these very tensors
 
     def counts(self) -> Counter:
         """(layer index, backend) -> calls so far; two snapshots' difference is what happened in between."""

@@ -5,8 +5,8 @@
   keeps them in full fp32 (kernels are judged in full fp32 either way: numerics.full_fp32). cuDNN's
   autotuner (`cudnn.benchmark`) for the VAE's big convolutions, off unless asked: it may pick another
   algorithm on the next run, and so another rounding.
-- torch.compile of the denoiser (SD's UNet) and of the VAE's decode, in any of torch's modes, wrapped by
-  `Compiled`.
+- torch.compile of the denoiser (UNet or transformer) and of the VAE's decode, in any of torch's modes,
+  wrapped by `Compiled`.
 
 Under `Compiled`, the first call with each new input shape runs eagerly: the router chooses its routes
 there, outside any graph, and counts the calls as usual. Routes never change after that, so a compiled
@@ -60,7 +60,7 @@ def compile_mode(mode: str, device: str) -> tuple[str, str | None]:
 
 
 def compile(pipe, mode: str, denoiser: bool = False, vae: bool = False) -> None:
-    """torch.compile the denoiser's forward (the family's: SD's UNet) and/or the VAE's decode, in place."""
+    """torch.compile the denoiser's forward (the family's UNet or transformer) and/or the VAE's decode, in place."""
     if denoiser:
         model = getattr(pipe, families.of_pipeline(pipe).denoiser)
         model.forward = Compiled(model, model.forward, mode)

@@ -382,7 +382,8 @@ def print_bench(r: dict) -> None:
                   str(c["largest_batch"]) if c.get("largest_batch") is not None else "-", _fmt(peak, ".2f"))
     out.print(t)
     sp = r["speed"]
-    out.print(f"Every row: TF32 {'on' if sp['tf32'] else 'off'}, cuDNN autotuner {'on' if sp['cudnn_benchmark'] else 'off'}"
+    on = lambda flag: "on" if flag else "off"  # noqa: E731
+    out.print(f"Every row: TF32 {on(sp['tf32'])}, cuDNN autotuner {on(sp['cudnn_benchmark'])}"
               + (f"; compiled rows in {sp['compile_mode']} mode" if sp["compile_mode"] else ""), soft_wrap=True)
     if sp.get("note"):
         out.print(f"[yellow]note:[/] {sp['note']}", soft_wrap=True)
