@@ -17,7 +17,10 @@ mkdir -p "$out"
 sdcli() { python3 -m sdcli "$@"; }
 run() { echo "$*" >> "$out/commands.txt"; "$@"; }
 run nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv > "$out/nvidia-smi.csv"
-run python3 -m pytest -q -m gpu tests > "$out/gpu-tests.txt" 2>&1
+run python3 -m pytest -q -m gpu tests > "$out/gpu-tests.txt" 2>&1   # among them: reduce-overhead keeps CUDA graphs
+# host time per routed call, every backend that runs through diffusers (docs/benchmarks.md)
+device=$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+run python3 scripts/attention_overhead.py --device "$device" --json > "$out/attention-overhead.json"
 run sdcli doctor --json --probe > "$out/doctor-probe.json"
 # xformers on a CUDA 13 torch: does doctor's fix (the CUDA 12 runtime on the loader's path) make its ops load?
 cudart=$(python3 -c 'import nvidia.cuda_runtime as m; print(m.__path__[0])' 2>/dev/null)/lib
@@ -37,4 +40,14 @@ run sdcli compare --seed 42 -m "$model_sd3" --dtype "$dtype_dit" --steps "${step
 run sdcli compare --seed 42 -m "$model_flux" --dtype "$dtype_dit" --steps "${steps:-10}" -o "$out/compare-flux" --json > "$out/compare-flux.json"
 run sdcli bench -m "$model_flux" --dtype "$dtype_dit" --steps "${steps:-28}" --batch-sizes 1,2,4 --max-batch 16 \
     -o "$out/bench-flux" --json > "$out/bench-flux.json"
+# CUDA graphs with routing on: generate with reduce-overhead, where inductor raises instead of skipping them
+# (TORCHINDUCTOR_CUDAGRAPH_OR_ERROR; on a CPU there are none: default mode, and it says so)
+run env TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1 TORCH_LOGS=cudagraphs python3 -m sdcli generate \
+    "a photo of an astronaut riding a horse on mars" -m "$model" --dtype "$dtype" --steps "${steps:-30}" \
+    --num-images 3 --compile --compile-mode reduce-overhead --seed 42 -o "$out/generate-cudagraphs" --json \
+    > "$out/generate-cudagraphs.json" 2> "$out/generate-cudagraphs.log"
+# and bench: the same options for stock diffusers and auto, the VAE compiled and autotuned too
+run sdcli bench -m "$model" --dtype "$dtype" --steps "${steps:-50}" --batch-sizes "${CUDAGRAPH_BATCH_SIZES:-1,4,16}" \
+    --compile --compile-mode reduce-overhead --compile-vae --cudnn-benchmark --no-micro --no-find-max \
+    -o "$out/bench-sd15-cudagraphs" --json > "$out/bench-sd15-cudagraphs.json"
 exit 0

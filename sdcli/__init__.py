@@ -1,7 +1,7 @@
 """sdcli: Stable Diffusion with the fastest attention kernel that is correct on this GPU.
 
-The public API (see api.py and the README): `route`, `unroute`, `doctor`, `compare` and `Plan`. Importing
-the package is cheap on purpose: they load on first use, and torch and diffusers only inside them.
+The public API (see api.py and the README): `route`, `unroute`, `compile`, `doctor`, `compare` and `Plan`.
+Importing the package is cheap on purpose: they load on first use, and torch and diffusers only inside them.
 """
 
 __version__ = "0.1.0"
@@ -23,7 +23,7 @@ class SdcliError(Exception):
     exit_code = 2
 
 
-API = ("route", "unroute", "doctor", "compare", "Plan")
+API = ("route", "unroute", "compile", "doctor", "compare", "Plan")
 MODULE_AND_FUNCTION = ("doctor", "compare")  # modules whose package attribute is callable as the API function
 
 

@@ -6,6 +6,8 @@
     print(plan.served())                       # what actually ran, per backend and per layer
     sdcli.unroute(pipe)                        # back to diffusers' own processors
 
+    sdcli.compile(pipe, mode="reduce-overhead")   # torch.compile, counted outside the graph (CUDA graphs stay)
+
     sdcli.doctor()                             # what this machine can run, as `sdcli doctor --json`
     sdcli.compare(pipe, prompt="a lighthouse", seed=42)   # every backend against the most exact one
 
@@ -94,6 +96,22 @@ def unroute(pipe) -> None:
     from sdcli import routing
 
     routing.unroute(pipe)
+
+
+def compile(pipe, mode: str = "default", vae: bool = False) -> str:
+    """torch.compile `pipe`'s denoiser (UNet or transformer), and with `vae` its VAE's decode, as `sdcli generate
+    --compile` does: the first call at each new set of input shapes runs eagerly (routes are chosen there), the
+    next ones run the compiled graph, and their attention calls are counted per forward outside it, so the graph
+    writes to none of its inputs and `mode="reduce-overhead"` keeps its CUDA graphs. `mode`: default,
+    reduce-overhead or max-autotune; without a CUDA GPU there are no CUDA graphs and the mode without them is
+    used. Returns the mode used. Route before or after, as you like."""
+    from sdcli import speed
+
+    if mode not in speed.COMPILE_MODES:
+        raise SdcliError(f"mode must be one of {', '.join(speed.COMPILE_MODES)}, not {mode!r}")
+    used, _ = speed.compile_mode(mode, device_of(pipe))
+    speed.compile(pipe, used, denoiser=True, vae=vae)
+    return used
 
 
 def doctor(device: str | None = None, dtype: str | None = None, probe: bool = False, report: str | Path | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 from typing import Callable
 
 from sdcli import error_line, kernels
@@ -362,11 +363,22 @@ class Backend:
 
     def run(self, q, k, v, attn_mask=None, scale=None):
         """Attention on (batch, seq, heads, head_dim) tensors; returns the same layout."""
-        if self.attention is not None:
-            return self.attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        return self.call(q, k, v, attn_mask=attn_mask, scale=scale)
 
-        return dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=scale, backend=self.diffusers_name)
+    @cached_property
+    def call(self) -> Callable:
+        """The backend's function, resolved once. For a diffusers backend that is the function diffusers'
+        dispatcher (dispatch_attention_fn) looks up for the name and would call with these same arguments:
+        calling it directly saves the dispatcher's per-call argument handling (docs/benchmarks.md). With
+        DIFFUSERS_ATTN_CHECKS=1 the dispatcher itself runs, its checks included."""
+        if self.attention is not None:
+            return self.attention
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, \
+            dispatch_attention_fn
+
+        name = AttentionBackendName(self.diffusers_name)
+        resolved = None if _AttentionBackendRegistry._checks_enabled else _AttentionBackendRegistry._backends.get(name)
+        return resolved or partial(dispatch_attention_fn, backend=name)
 
 
 _REGISTRY: dict[str, Backend] = {}

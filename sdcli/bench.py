@@ -1,21 +1,24 @@
 """`sdcli bench`: the throughput experiment behind sdcli.
 
 Whole-pipeline images per second (text encoders, every denoising step with the model's guidance,
-VAE decode) by batch size, for stock diffusers, for each backend, for measured `auto` and for `auto`
-with the speed options; seconds per image at batch 1; peak memory; the largest batch that fits,
-found by doubling and bisection, recovering from out-of-memory; and the attention kernels timed
-alone at the model's real shapes. Warm-up first, CUDA-synchronised timing, median of repeats.
+VAE decode) by batch size, for stock diffusers, for each backend, for measured `auto`, and, with speed
+options, for stock diffusers and `auto` both with those options; seconds per image at batch 1; peak
+memory; the largest batch that fits, found by doubling and bisection, recovering from out-of-memory;
+and the attention kernels timed alone at the model's real shapes. Warm-up first, CUDA-synchronised
+timing, median of repeats. Each row is compared with stock diffusers under the same options, so the
+attention choice and the speed options each get their own speed-up.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from sdcli import backends, families, hardware, pipeline, routing, timing, tuning
+from sdcli import backends, families, hardware, pipeline, routing, speed, timing, tuning
 from sdcli.images import write_new
 
 STOCK = "diffusers"
+OPTIONS = ("fuse-qkv", "channels-last", "compile", "compile-vae")  # the speed options a row can have, in order
 
 
 @dataclass
@@ -24,22 +27,28 @@ class Config:
 
     name: str
     backend: str | None  # None: stock diffusers, its own processors, nothing routed
-    options: tuple[str, ...] = ()  # from: fuse-qkv, channels-last, compile
+    options: tuple[str, ...] = ()  # from OPTIONS
 
     @property
     def compiled(self) -> bool:
-        return "compile" in self.options
+        return "compile" in self.options or "compile-vae" in self.options
+
+    @property
+    def baseline(self) -> str:
+        """The stock row with the same options: what this row's speed-up is measured against."""
+        return "+".join((STOCK, *self.options))
 
 
 def choose_configs(report: dict, device: str, names: list[str] | None, options: tuple[str, ...]) -> list[Config]:
-    """Stock diffusers, each named backend (default: every exact one usable here), auto, and auto with the
-    speed options if any. Option configs come last: fused projections and compilation change the model."""
+    """Stock diffusers, each named backend (default: every exact one usable here), auto; with speed options
+    also stock diffusers and auto with them. Option rows come last: fusing and compiling change the model."""
     machine = hardware.Machine(report, device)
     if names is None:
         names = [b.name for b in backends.usable_here(machine, quantized=False, in_auto_only=True)]
     configs = [Config(STOCK, None)] + [Config(n, n) for n in names if n != routing.AUTO] + [Config("auto", "auto")]
     if options:
-        configs.append(Config("auto+" + "+".join(options), "auto", options))
+        configs += [Config("+".join((STOCK, *options)), None, options),
+                    Config("+".join(("auto", *options)), "auto", options)]
     return configs
 
 
@@ -86,6 +95,8 @@ class Runner:
     repeats: int
     on_progress: object = None
     applied: set = field(default_factory=set)
+    compile_mode: str = "default"  # as asked for (sdcli.speed.compile_mode says what runs)
+    routed_for: tuple | None = ()  # (backend, plan) the processors now serve; None: stock; (): not known
 
     def say(self, text: str, advance: int = 0) -> None:
         if self.on_progress:
@@ -93,28 +104,40 @@ class Runner:
 
     def use(self, config: Config, batch: int, tune: bool = True) -> routing.Router | None:
         """Route (or un-route) the pipeline for `config` at `batch`; auto measures or reads its plan for `batch`
-        (with tune=False it keeps the plan it has: the batch search needs memory, not speed)."""
-        run = self.run
-        new = {o for o in config.options if o != "compile"} - self.applied
-        pipeline.apply_speed_options(run.pipe, "fuse-qkv" in new, "channels-last" in new)
+        (with tune=False it keeps the plan it has: the batch search needs memory, not speed). The processors
+        stay as they are while the config and its plan do: a compiled model then keeps its graphs."""
+        run, s = self.run, self.run.settings
+        s.fuse_qkv, s.channels_last = "fuse-qkv" in config.options, "channels-last" in config.options
+        s.compile, s.compile_vae = "compile" in config.options, "compile-vae" in config.options
+        s.compile_mode = self.compile_mode if config.compiled else "default"
+        new = {"fuse-qkv", "channels-last"} & set(config.options) - self.applied
+        speed.apply(run.pipe, "fuse-qkv" in new, "channels-last" in new)
+        if "fuse-qkv" in new:
+            self.routed_for = ()  # diffusers put its own fused processors in
         self.applied |= new
-        s = run.settings  # what auto's plan key reads: the options this pipeline now runs with
-        s.fuse_qkv, s.channels_last, s.compile = "fuse-qkv" in self.applied, "channels-last" in self.applied, \
-            config.compiled
-        if config.backend is None:
-            routing.unroute(run.pipe)
-            return None
         preferred = None
         if config.backend == routing.AUTO:
             if tune or run.tuning is None:
-                run.settings.batch_size = batch
-                run.tuning = tuning.load_or_tune(run, pipeline.one_step, on_progress=lambda t: self.say(f"auto's plan: {t}"))
+                s.batch_size = batch
+                run.tuning = tuning.load_or_tune(run, pipeline.one_step,
+                                                 on_progress=lambda t: self.say(f"auto's plan: {t}"))
+                if not run.tuning["cached"]:
+                    self.routed_for = ()  # measuring routed the model for itself
             preferred = tuning.preferences(run.tuning)
-        run.router = routing.route(run.pipe, routing.Router.for_request(
-            config.backend, run.report, run.device, fallback=True, preferred=preferred))
-        if config.compiled and "compile" not in self.applied:
-            pipeline.compile_denoiser(run, batch)
-            self.applied.add("compile")
+        wanted = None if config.backend is None else (config.backend, preferred)
+        if wanted != self.routed_for:
+            if config.backend is None:
+                routing.unroute(run.pipe)
+                run.router = None
+            else:
+                run.router = routing.route(run.pipe, routing.Router.for_request(
+                    config.backend, run.report, run.device, fallback=True, preferred=preferred))
+            self.routed_for = wanted
+        compile_now = {"compile", "compile-vae"} & set(config.options) - self.applied
+        if compile_now:
+            speed.compile(run.pipe, speed.compile_mode(s.compile_mode, run.device)[0],
+                          denoiser="compile" in compile_now, vae="compile-vae" in compile_now)
+            self.applied |= compile_now
         return run.router
 
     def render(self, batch: int, steps: int | None = None) -> float:
@@ -130,7 +153,10 @@ class Runner:
         cuda = self.run.device.startswith("cuda")
         try:
             router = self.use(config, batch)
-            self.render(batch, steps=2)  # warm-up: kernel loading, autotuning, compilation
+            # warm-up: kernel loading, autotuning; compiled, a forward per shape runs eagerly, the next compiles,
+            # and with CUDA graphs the one after records: three one-step renders reach the steady state
+            for _ in range(3 if config.compiled else 1):
+                self.render(batch, steps=1 if config.compiled else 2)
             if router:
                 router.reset_counts()
             if cuda:
@@ -167,38 +193,55 @@ class Runner:
 
 
 def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
-          options: tuple[str, ...] = (), find_max: bool = True, max_batch: int = 256, micro: bool = True,
-          on_progress=None, report: dict | None = None) -> dict:
-    """Load the settings' model and bench it (see bench_run): what `sdcli bench` runs."""
+          find_max: bool = True, max_batch: int = 256, micro: bool = True, on_progress=None,
+          report: dict | None = None) -> dict:
+    """Load the settings' model and bench it (see bench_run): what `sdcli bench` runs. The speed options come from
+    `settings` (fuse_qkv, channels_last, compile, compile_vae, with compile_mode); TF32 and cuDNN's autotuner
+    hold for every row alike."""
     for name in names or []:
         settings.backend = name
         settings.validate()  # unknown names fail here, before loading anything
-    settings.backend, settings.tune = "sdpa", False  # loaded plainly; each config routes for itself
-    run = pipeline.prepare(settings, report)
-    return bench_run(run, batch_sizes, repeats, names, options, find_max, max_batch, micro, on_progress)
+    options = tuple(o for o, on in zip(OPTIONS, (settings.fuse_qkv, settings.channels_last, settings.compile,
+                                                 settings.compile_vae)) if on)
+    # loaded plainly: each config routes for itself and turns its own options on
+    plain = replace(settings, backend="sdpa", tune=False, fuse_qkv=False, channels_last=False, compile=False,
+                    compile_vae=False, compile_mode="default")
+    run = pipeline.prepare(plain, report)
+    return bench_run(run, batch_sizes, repeats, names, options, settings.compile_mode, find_max, max_batch, micro,
+                     on_progress)
 
 
 def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
-              options: tuple[str, ...] = (), find_max: bool = True, max_batch: int = 256, micro: bool = True,
-              on_progress=None) -> dict:
+              options: tuple[str, ...] = (), compile_mode: str = "default", find_max: bool = True,
+              max_batch: int = 256, micro: bool = True, on_progress=None) -> dict:
     """Every configuration at every batch size on the run's pipeline, the largest batch that fits, and (with
-    `micro`) every backend alone at the model's attention shapes."""
+    `micro`) every backend alone at the model's attention shapes; then the speed-ups that tell the attention
+    choice and the speed options apart (see summary)."""
+    import torch
+
     settings, report = run.settings, run.report
     configs = choose_configs(report, run.device, names, options)
-    runner = Runner(run, repeats, on_progress)
+    runner = Runner(run, repeats, on_progress, compile_mode=compile_mode)
     machine = hardware.Machine(report, run.device)
+    compiles = "compile" in options or "compile-vae" in options
+    mode, note = speed.compile_mode(compile_mode, run.device)
     result = {
         "model": run.model_name, "device": run.device, "gpu": machine.gpu_label,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "steps": settings.steps, "guidance": settings.guidance,
         "guidance_type": families.of_pipeline(run.pipe).guidance, "width": run.size[0], "height": run.size[1],
         "repeats": repeats, "batch_sizes": batch_sizes, "versions": {k: v.get("version") for k, v in
                                                                     report.get("packages", {}).items()},
+        # every row: TF32 and cuDNN's autotuner; the rows with options: those, compiled in this mode
+        "speed": {"tf32": run.speed.get("tf32"), "cudnn_benchmark": run.speed.get("cudnn_benchmark"),
+                  "options": list(options), "compile_mode": mode if compiles else None,
+                  **({"note": note} if note and compiles else {})},
         "configs": [],
         # compile time is paid once and is not throughput: say where it went
-        "timing": "each point is the median of timed runs after an untimed 2-step warm-up, and each kernel alone "
-                  "is judged on two calls at batch 1, then timed (median of 5 rounds of back-to-back calls, "
-                  "kernels interleaved) after an untimed call; kernels that compile (flex-compiled: once per "
-                  "shape; flash-attn-4: at first use) compile there, so compile time is in none of these numbers",
+        "timing": "each point is the median of timed runs after an untimed warm-up (a 2-step render; compiled: "
+                  "three 1-step renders, eager, compiling, recording CUDA graphs), and each kernel alone is judged "
+                  "on two calls at batch 1, then timed (median of 5 rounds of back-to-back calls, kernels "
+                  "interleaved) after an untimed call; kernels that compile (flex-compiled: once per shape; "
+                  "flash-attn-4: at first use) compile there, so compile time is in none of these numbers",
     }
     if micro:  # first: the compiled configurations come last and would have to recompile for it
         runner.say("attention kernels at the model's shapes")
@@ -207,27 +250,17 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
         result["attention"] = tuning.measure_shapes(shapes, machine, quantized=True, everything=True,
                                                     on_progress=lambda t: runner.say(f"kernels: {t}"),
                                                     activations=activations)
-    for config in configs:
-        points = []
-        for batch in batch_sizes:
-            runner.say(f"{config.name}: batch {batch}")
-            point = runner.point(config, batch)
-            points.append(point)
-            runner.say(f"{config.name}: batch {batch}", advance=1)
-            if point["oom"]:
-                break  # larger batches won't fit either
-        row = {"name": config.name, "backend": config.backend, "options": list(config.options), "points": points}
-        done = [p for p in points if not p["oom"]]
-        best = max(done, key=lambda p: p["images_per_s"], default=None)
-        row["best"] = {"batch": best["batch"], "images_per_s": best["images_per_s"]} if best else None
-        row["s_per_image_batch1"] = next((p["s_per_image"] for p in done if p["batch"] == 1), None)
-        if find_max and not config.compiled:  # a compiled UNet recompiles per batch size: searched uncompiled
-            row["largest_batch"], row["search"] = largest_batch(lambda b: runner.fits(config, b), max_batch)
-        result["configs"].append(row)
-    stock = next(c for c in result["configs"] if c["name"] == STOCK)
+    # a compiled model gets at most one graph per (routing, batch size); dynamo's default limit of 8 per function
+    # would silently send longer batch lists back to eager
+    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(batch_sizes) + 2)):
+        for config in configs:
+            result["configs"].append(measure_config(runner, config, batch_sizes, find_max, max_batch))
+    rows = {row["name"]: row for row in result["configs"]}
     for row in result["configs"]:
-        if row["best"] and stock["best"]:
-            row["speedup_vs_diffusers"] = row["best"]["images_per_s"] / stock["best"]["images_per_s"]
+        for key, baseline in (("speedup_vs_diffusers", rows[STOCK]), ("speedup_vs_baseline", rows[row["baseline"]])):
+            if row["best"] and baseline["best"]:
+                row[key] = row["best"]["images_per_s"] / baseline["best"]["images_per_s"]
+    result["summary"] = summary(result, options)
     return result
 
 
@@ -237,8 +270,48 @@ def guidance_label(result: dict) -> str:
     return f"{name} {result['guidance']:g}"
 
 
+def measure_config(runner: Runner, config: Config, batch_sizes: list[int], find_max: bool, max_batch: int) -> dict:
+    points = []
+    for batch in batch_sizes:
+        runner.say(f"{config.name}: batch {batch}")
+        point = runner.point(config, batch)
+        points.append(point)
+        runner.say(f"{config.name}: batch {batch}", advance=1)
+        if point["oom"]:
+            break  # larger batches won't fit either
+    row = {"name": config.name, "backend": config.backend, "options": list(config.options),
+           "baseline": config.baseline, "points": points}
+    done = [p for p in points if not p["oom"]]
+    best = max(done, key=lambda p: p["images_per_s"], default=None)
+    row["best"] = {"batch": best["batch"], "images_per_s": best["images_per_s"]} if best else None
+    row["s_per_image_batch1"] = next((p["s_per_image"] for p in done if p["batch"] == 1), None)
+    if find_max and not config.compiled:  # compiling per batch size to search would take long: searched uncompiled
+        row["largest_batch"], row["search"] = largest_batch(lambda b: runner.fits(config, b), max_batch)
+    return row
+
+
+def summary(result: dict, options: tuple[str, ...]) -> list[dict]:
+    """The speed-ups that answer the questions, each between two rows at their best batch size: what the
+    attention choice buys (auto over stock, both without options and both with the same options), what the
+    options buy (stock with them over stock without), and the two together."""
+    rows = {row["name"]: row for row in result["configs"]}
+    stock, auto = STOCK, "auto"
+    pairs = [("attention choice", auto, stock)]
+    if options:
+        stock_opt, auto_opt = "+".join((stock, *options)), "+".join((auto, *options))
+        pairs += [("attention choice, with the options", auto_opt, stock_opt),
+                  ("speed options alone", stock_opt, stock), ("both", auto_opt, stock)]
+    out = []
+    for what, faster, base in pairs:
+        a, b = rows[faster]["best"], rows[base]["best"]
+        out.append({"what": what, "row": faster, "against": base,
+                    "speedup": a["images_per_s"] / b["images_per_s"] if a and b else None})
+    return out
+
+
 def plot(result: dict, path) -> None:
-    """Images/s against batch size, one line per configuration; the largest batch that fits is marked."""
+    """Images/s against batch size, one line per configuration: stock diffusers dashed, rows with the speed
+    options with square markers; the largest batch that fits is in the legend, the key speed-ups in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,16 +322,19 @@ def plot(result: dict, path) -> None:
         done = [p for p in row["points"] if not p["oom"]]
         if not done:
             continue
-        style = "--" if row["name"] == STOCK else "-"
+        style = "--" if row["backend"] is None else "-"
         label = row["name"] + (f" (max batch {row['largest_batch']})" if row.get("largest_batch") else "")
-        ax.plot([p["batch"] for p in done], [p["images_per_s"] for p in done], style, marker="o", label=label)
+        ax.plot([p["batch"] for p in done], [p["images_per_s"] for p in done], style,
+                marker="s" if row["options"] else "o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(result["batch_sizes"], [str(b) for b in result["batch_sizes"]])
     ax.minorticks_off()
     ax.set_xlabel("batch size (images per pipeline call)")
     ax.set_ylabel("images / s (whole pipeline)")
+    gains = "\n".join(f"{s['what']}: {s['row']} / {s['against']} ×{s['speedup']:.2f}"
+                      for s in result["summary"] if s["speedup"])
     ax.set_title(f"{result['model']} {result['width']}x{result['height']}, {result['steps']} steps, "
-                 f"{guidance_label(result)}, {result['dtype']}\n{result['gpu']}", fontsize=10)
+                 f"{guidance_label(result)}, {result['dtype']}, {result['gpu']}\n{gains}", fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -151,7 +151,18 @@ TuneOpt = Annotated[bool, typer.Option(
     help="--backend auto measures the fastest backend per layer shape on first use and caches it; --no-tune "
          "uses the documented order instead.")]
 RetuneOpt = Annotated[bool, typer.Option("--retune", help="Measure auto's plan again, ignoring the cached one.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the UNet or transformer (slow first call).")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the UNet or transformer (the first call of each batch size runs eagerly, the "
+                      "next compiles).")]
+CompileModeOpt = Annotated[str, typer.Option(
+    help="torch.compile's mode: default, reduce-overhead (CUDA graphs) or max-autotune. Without a CUDA GPU, "
+         "no CUDA graphs: reduce-overhead compiles in default mode.")]
+CompileVaeOpt = Annotated[bool, typer.Option("--compile-vae", help="torch.compile the VAE's decode too.")]
+Tf32Opt = Annotated[bool, typer.Option(
+    help="TF32 for fp32 matmuls and convolutions on CUDA GPUs (diffusers' advice); --no-tf32 keeps full fp32.")]
+CudnnBenchmarkOpt = Annotated[bool, typer.Option(
+    "--cudnn-benchmark", help="Let cuDNN time its convolution algorithms (the VAE's) and keep the fastest; "
+                              "the pixels may then differ between runs.")]
 ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last",
                                                 help="Denoiser and VAE in channels-last memory format.")]
 FuseQkvOpt = Annotated[bool, typer.Option("--fuse-qkv", help="diffusers' fused q/k/v projections.")]
@@ -169,8 +180,12 @@ def generate(
     tune: TuneOpt = True,
     retune: RetuneOpt = False,
     compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
+    compile_vae: CompileVaeOpt = False,
     channels_last: ChannelsLastOpt = False,
     fuse_qkv: FuseQkvOpt = False,
+    tf32: Tf32Opt = True,
+    cudnn_benchmark: CudnnBenchmarkOpt = False,
     steps: StepsOpt = 30,
     guidance: GuidanceOpt = None,
     width: WidthOpt = None,
@@ -202,7 +217,8 @@ def generate(
         prompts=prompts, negative_prompt=negative_prompt, model=model, steps=steps, guidance=guidance,
         width=width, height=height, seed=seed, batch_size=batch_size, num_images=num_images, scheduler=scheduler,
         dtype=dtype, vae_dtype=vae_dtype, device=device, backend=backend, fallback=fallback, quantized=quantized,
-        tune=tune, retune=retune, compile=compile_, channels_last=channels_last, fuse_qkv=fuse_qkv,
+        tune=tune, retune=retune, compile=compile_, compile_mode=compile_mode, compile_vae=compile_vae,
+        channels_last=channels_last, fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark,
         output_dir=output_dir)
     if resume and seed is None:
         raise SdcliError("--resume needs the --seed of the run it finishes (without one, seeds are random and "
@@ -287,8 +303,12 @@ def bench(
         "--backends", help="Comma-separated backends; default: every exact one usable here (not the slow "
                            "sdpa-math and eager flex). Stock diffusers and auto are always measured.")] = None,
     compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
+    compile_vae: CompileVaeOpt = False,
     channels_last: ChannelsLastOpt = False,
     fuse_qkv: FuseQkvOpt = False,
+    tf32: Tf32Opt = True,
+    cudnn_benchmark: CudnnBenchmarkOpt = False,
     steps: StepsOpt = 50,
     guidance: GuidanceOpt = None,
     width: WidthOpt = None,
@@ -304,7 +324,8 @@ def bench(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """The throughput experiment: images/s by batch size for stock diffusers, each backend and auto; largest batch."""
+    """The throughput experiment: images/s by batch size for stock diffusers, each backend and auto (and, with speed
+    options, stock diffusers and auto with them); largest batch."""
     from sdcli import bench as bn
     from sdcli import pipeline
 
@@ -312,14 +333,15 @@ def bench(
     if repeats < 1 or max_batch < 1:
         raise SdcliError("--repeats and --max-batch must be at least 1")
     names = validate.names(backends_, "--backends")
-    options = tuple(o for o, on in (("fuse-qkv", fuse_qkv), ("channels-last", channels_last), ("compile", compile_)) if on)
     settings = pipeline.Settings(prompts=["a photo of an astronaut riding a horse on mars"], model=model, steps=steps,
                                  guidance=guidance, width=width, height=height, seed=0, dtype=dtype,
-                                 vae_dtype=vae_dtype, device=device, backend="sdpa", output_dir=output_dir)
+                                 vae_dtype=vae_dtype, device=device, backend="sdpa", compile=compile_,
+                                 compile_mode=compile_mode, compile_vae=compile_vae, channels_last=channels_last,
+                                 fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark, output_dir=output_dir)
     settings.validate()
     bar, on_progress = views.bench_progress(quiet)
     with bar:
-        result = bn.bench(settings, sizes, repeats, names, options, find_max, max_batch, micro, on_progress)
+        result = bn.bench(settings, sizes, repeats, names, find_max, max_batch, micro, on_progress)
     result = bn.save(result, output_dir)
     if json_out:
         views.emit_json(result)

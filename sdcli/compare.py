@@ -91,7 +91,7 @@ def kernel_errors(captured: dict[str, tuple], candidates: list[Backend], machine
                 rows[backend.name].append({**row, "status": "n/a", "why": verdict.reason})
                 continue
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), numerics.full_fp32():
                     base = base or numerics.baseline(*call)
                     acc = numerics.accuracy(backend.run(*call[:3], attn_mask=call[3]), *call, base=base)
             except torch.OutOfMemoryError as exc:

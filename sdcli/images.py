@@ -38,7 +38,7 @@ def attention_summary(router) -> str:
 # speed options, ...). The recipe keeps them as given; --resume counts an image as done only when all match.
 PIXEL_SETTINGS = ("model", "negative_prompt", "steps", "guidance", "width", "height", "scheduler", "dtype",
                   "vae_dtype", "device", "backend", "fallback", "quantized", "tune", "batch_size", "compile",
-                  "channels_last", "fuse_qkv")
+                  "compile_mode", "compile_vae", "channels_last", "fuse_qkv", "tf32", "cudnn_benchmark")
 
 
 def pixel_settings(settings) -> dict:
@@ -50,7 +50,8 @@ def pixel_settings(settings) -> dict:
 
 
 def recipe(run, item) -> dict:
-    """Everything that made `item` in `run` (a pipeline.Run): settings, model, attention, versions."""
+    """Everything that made `item` in `run` (a pipeline.Run): settings, model, attention, speed options in
+    effect, versions."""
     s = run.settings
     width, height = run.size
     family = families.of_pipeline(run.pipe)
@@ -60,6 +61,7 @@ def recipe(run, item) -> dict:
         "width": width, "height": height,
         "scheduler": s.scheduler, "sampler": run.sampler, "model": run.model_name, "backend": s.backend,
         "fallback": s.fallback, "quantized": s.quantized, "attention": attention_summary(run.router),
+        "speed": run.speed,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "device": run.device,
         "gpu": hardware.Machine(run.report, run.device).gpu_label, "batch_size": s.batch_size,
         "settings": pixel_settings(s),

@@ -9,10 +9,13 @@
 The calibration behind EXACT_TOL (correct kernels against planted faults, per dtype and SD shape) is
 docs/bound.md, made by scripts/calibrate_bound.py. A kernel is judged on more than one call with different
 inputs (`judge`), so one that is right once and then returns a stale buffer fails. `sdcli compare`, `auto`'s
-measured plan and the kernel micro-benchmarks all judge by these functions.
+measured plan and the kernel micro-benchmarks all judge by these functions, always in full fp32 (`full_fp32`:
+no TF32, whatever the run allows), so the references are exact and the bound means what it was calibrated for.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 from sdcli.backends import EXACT
 
@@ -36,6 +39,24 @@ def dtype_name(dtype) -> str:
     """torch.float16 -> 'fp16' (any other dtype: torch's own name)."""
     short = str(dtype).removeprefix("torch.")
     return next((name for name, full in TORCH_DTYPES.items() if full == short), short)
+
+
+@contextmanager
+def full_fp32():
+    """fp32 matmuls in full fp32 on CUDA while this lasts. With TF32 (`--tf32`, sdcli.speed) an fp32 matmul keeps
+    10 mantissa bits, fp16's: the fp32 reference of an fp16 run would be no more exact than the kernels it
+    judges, and an fp32 kernel would err far beyond fp32's rounding. The state is read through torch's newer
+    API where it has one (reading the legacy flag raises once a program has used the newer API) and written
+    through the legacy flag, which keeps both in step."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = saved
 
 
 def _math(q, k, v, mask=None):
@@ -64,12 +85,13 @@ def baseline(q, k, v, mask=None) -> tuple:
     attention stored in q's dtype). It depends on the inputs only: compute it once per layer."""
     import torch
 
-    exact = reference_attention(q, k, v, mask)
-    if exact.dtype == torch.float32:  # fp16/bf16 inputs: the reference is the fp32 result
-        fp32 = exact
-    else:
-        m = mask.float() if mask is not None and mask.dtype != torch.bool else mask
-        fp32 = _math(q.float(), k.float(), v.float(), m)
+    with full_fp32():
+        exact = reference_attention(q, k, v, mask)
+        if exact.dtype == torch.float32:  # fp16/bf16 inputs: the reference is the fp32 result
+            fp32 = exact
+        else:
+            m = mask.float() if mask is not None and mask.dtype != torch.bool else mask
+            fp32 = _math(q.float(), k.float(), v.float(), m)
     return exact, relative_error(fp32.to(q.dtype), exact)
 
 
@@ -136,7 +158,7 @@ def judge(run, kind: str, calls: list[tuple], bases: list[tuple] | None = None, 
     key = "ratio" if kind == EXACT else "rel_error"  # non-finite output counts as an infinite error
     worst = None
     for (q, k, v, mask), base in zip(calls, bases or [None] * len(calls)):
-        with torch.inference_mode():
+        with torch.inference_mode(), full_fp32():
             acc = accuracy(run(q, k, v, attn_mask=mask), q, k, v, mask, base)
         if worst is None or acc[key] > worst[key]:
             worst = acc

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, backends, families, first_line, hardware, numerics, timing, validate
+from sdcli import SdcliError, backends, families, first_line, hardware, numerics, speed, timing, validate
 from sdcli.images import recipe, save_png
 
 SCHEDULER_NAMES = list(dict.fromkeys(name for f in families.FAMILIES for name in f.schedulers))  # every family's
@@ -45,9 +45,13 @@ class Settings:
     quantized: bool = False
     tune: bool = True          # `auto` measures its plan on first use (sdcli.tuning); False: the documented order
     retune: bool = False
-    compile: bool = False      # torch.compile the denoiser
+    compile: bool = False      # torch.compile the denoiser (UNet or transformer)
+    compile_mode: str = "default"  # torch.compile's mode (sdcli.speed.COMPILE_MODES)
+    compile_vae: bool = False  # torch.compile the VAE's decode
     channels_last: bool = False
     fuse_qkv: bool = False     # diffusers' fused q/k/v projections
+    tf32: bool = True          # TF32 for fp32 matmuls and convolutions on CUDA (diffusers' advice)
+    cudnn_benchmark: bool = False  # cuDNN's autotuner for the convolutions
     output_dir: Path | None = Path("outputs")  # None: nothing is written (the Python API's compare)
 
     def __post_init__(self):
@@ -87,6 +91,11 @@ class Settings:
         for name in ("dtype", "vae_dtype"):
             if getattr(self, name) not in DTYPE_CHOICES:
                 raise SdcliError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_CHOICES)}")
+        if self.compile_mode not in speed.COMPILE_MODES:
+            raise SdcliError(f"--compile-mode must be one of {', '.join(speed.COMPILE_MODES)}, "
+                             f"not {self.compile_mode!r}")
+        if self.compile_mode != "default" and not (self.compile or self.compile_vae):
+            raise SdcliError("--compile-mode needs --compile or --compile-vae")
         if self.backend != "auto":
             try:
                 backends.get(self.backend)
@@ -166,6 +175,7 @@ class Run:
     router: object = None
     sampler: str = ""
     tuning: dict | None = None  # the measured plan `auto` used
+    speed: dict = field(default_factory=dict)  # the speed options in effect (sdcli.speed)
     images: list[ImageResult] = field(default_factory=list)
     seconds: float = 0.0
     load_seconds: float = 0.0
@@ -191,7 +201,7 @@ class Run:
             "images_per_second": round(n / self.seconds, 4) if n and self.seconds else None,
             "peak_gpu_memory_gb": self.peak_memory_gb,
             "attention": self.router.to_json() if self.router else None,
-            "tuning": self.tuning,
+            "tuning": self.tuning, "speed": self.speed,
             "problems": [r.to_json() for r in self.images if r.problem],
         }
 
@@ -271,15 +281,20 @@ def prepare(settings: Settings, report: dict | None = None, on_progress=None) ->
         vae_in_its_dtype(pipe, vae_dtype)
     sampler = set_scheduler(pipe, settings.scheduler)
     run = Run(settings, report, device, dtype, vae_dtype, pipe=pipe, model_name=name, sampler=sampler)
-    apply_speed_options(pipe, settings.fuse_qkv, settings.channels_last)
+    mode, note = speed.compile_mode(settings.compile_mode, device)
+    run.speed = {"compile": mode if settings.compile else None, "compile_vae": mode if settings.compile_vae else None,
+                 "fuse_qkv": settings.fuse_qkv, "channels_last": settings.channels_last,
+                 **speed.set_precision(device, settings.tf32, settings.cudnn_benchmark)}
+    if note and (settings.compile or settings.compile_vae):
+        run.speed["note"] = note
+    speed.apply(pipe, settings.fuse_qkv, settings.channels_last)
     preferred = None
     if settings.backend == routing.AUTO and settings.tune:
         run.tuning = tuning.load_or_tune(run, one_step, settings.quantized, settings.retune, on_progress)
         preferred = tuning.preferences(run.tuning)
     run.router = routing.route(pipe, routing.Router.for_request(
         settings.backend, report, device, settings.fallback, settings.quantized, preferred))
-    if settings.compile:
-        compile_denoiser(run, settings.batch_size)
+    speed.compile(pipe, mode, denoiser=settings.compile, vae=settings.compile_vae)
     run.load_seconds = time.perf_counter() - t0
     return run
 
@@ -308,19 +323,6 @@ def vae_in_its_dtype(pipe, vae_dtype: str) -> None:
     first.register_forward_pre_hook(lambda module, args: (args[0].to(vae.dtype), *args[1:]))
 
 
-def apply_speed_options(pipe, fuse_qkv: bool = False, channels_last: bool = False) -> None:
-    """Options diffusers users know, on the denoiser and the VAE. Fuse before routing: diffusers installs its own
-    fused processor, which routing then replaces with sdcli's (it handles fused projections)."""
-    import torch
-
-    for part in families.of_pipeline(pipe).routed:
-        model = getattr(pipe, part)
-        if fuse_qkv:
-            model.fuse_qkv_projections()
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-
-
 def release_memory() -> None:
     """Give back what a failed or finished attempt held (after an out-of-memory, before the next try)."""
     import gc
@@ -330,14 +332,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def compile_denoiser(run: Run, batch: int) -> None:
-    """torch.compile the family's denoiser (UNet or transformer) after one eager step, so every attention route exists
-    before dynamo traces (the warm-up's calls are not counted)."""
-    one_step(run, batch)
-    run.router.reset_counts()
-    getattr(run.pipe, families.of_pipeline(run.pipe).denoiser).compile()
 
 
 def one_step(run: Run, batch: int | None = None) -> None:

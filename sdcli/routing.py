@@ -10,15 +10,21 @@ count, not the request, is what sdcli reports as having run.
 
 A plan is made per layer from its static shape (heads, head dim, dtype) when the processors are
 installed. The first call with a new sequence length or mask is checked again with the full shape,
-and its kernel's own error is caught. From then on a call is one dictionary lookup and the kernel.
+and its kernel's own error is caught; that call always runs eagerly, never inside a torch.compile
+graph. From then on a call is one dictionary lookup, one count and the kernel. A forward that sdcli
+compiled (sdcli.speed) counts nothing inside its graph: its calls are counted per forward, outside.
+Inside a graph of the caller's own torch.compile, calls add to a small CPU tensor per layer.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
+import torch
 from torch.compiler import is_compiling
+from torch.nn.attention import SDPBackend
 
 from sdcli import SdcliError, backends, error_line, families
 from sdcli.backends import Backend, Shape
@@ -59,15 +65,16 @@ class Layer:
     calls: Counter = field(default_factory=Counter)   # backend -> calls that it served
     shapes: set = field(default_factory=set)          # every full Shape seen, batch included
     kernels: dict[str, str] = field(default_factory=dict)  # backend -> the kernel torch picked, for `sdpa`
-    routes: dict = field(default_factory=dict, repr=False)  # (q_len, kv_len, masked, dtype) -> Backend
-    # Inside a torch.compile graph a Python int can't be counted without a recompile per call (dynamo guards on
-    # its value), so compiled calls add to a tensor instead; `served` sums both.
-    graph_calls: dict = field(default_factory=dict, repr=False)  # backend -> 0-d int64 tensor on the device
+    routes: dict = field(default_factory=dict, repr=False)  # (q_len, kv_len, masked, dtype) -> Choice
+    # Calls inside a graph of the caller's own torch.compile (sdcli's --compile counts outside its graphs): a Python
+    # int would make dynamo recompile per call, so they add to a 0-d CPU tensor per backend (no device sync to read)
+    graph_calls: dict = field(default_factory=dict, repr=False)  # backend -> 0-d int64 CPU tensor
+    fused: bool = False  # diffusers' fused q/k/v projections (to_qkv, to_kv)
 
     def served(self) -> Counter:
         total = Counter(self.calls)
         for name, count in self.graph_calls.items():
-            total[name] += int(count.item())
+            total[name] += int(count)
         return +total
 
     def to_json(self) -> dict:
@@ -87,10 +94,21 @@ class Layer:
         return sorted({(s.q_len, s.kv_len) for s in self.shapes})
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What serves one layer at one shape: the backend (what is counted), and the cheapest eager call that
+    runs that backend's kernel (see eager_call). Inside a compiled graph the backend's own function is traced."""
+
+    backend: Backend
+    eager: Callable
+
+
 class Router:
     """Chooses and counts. `chain` is the order to try per layer; `strict` means only chain[0] may serve.
     `preferred` (Shape.key -> backend name) puts a measured choice first; `measure(shape, machine)`, if given,
-    is asked for that choice at a shape the plan does not cover, at its first call (sdcli.tuning.fastest)."""
+    is asked for that choice at a shape the plan does not cover, at its first call (sdcli.tuning.fastest).
+    `counting` is switched off by sdcli.speed while a forward it compiled runs: it counts those calls itself,
+    outside the graph."""
 
     def __init__(self, chain: list[Backend], machine: Machine, strict: bool, requested: str,
                  preferred: dict | None = None, measure=None):
@@ -101,6 +119,7 @@ class Router:
         self.preferred = preferred or {}
         self.measure = measure
         self.layers: list[Layer] = []
+        self.counting = True
 
     @classmethod
     def for_request(cls, requested: str, report: dict, device: str, fallback: bool | str = False,
@@ -131,7 +150,8 @@ class Router:
         weight = attn.to_q.weight if hasattr(attn, "to_q") else attn.to_qkv.weight
         heads = attn.heads
         head_dim = attn.inner_dim // heads
-        layer = Layer(name, attention, heads, head_dim, dtype_name(weight.dtype))
+        layer = Layer(name, attention, heads, head_dim, dtype_name(weight.dtype),
+                      fused=getattr(attn, "fused_projections", False))
         shape = Shape(heads, head_dim, dtype=layer.dtype)
         machine = self._machine(weight.device)
         for backend in self.chain:
@@ -160,28 +180,26 @@ class Router:
     # ----- the hot path -------------------------------------------------------------------------------
 
     def attend(self, layer: Layer, q, k, v, mask=None):
-        key = (q.shape[1], k.shape[1], mask is not None, q.dtype)
-        backend = layer.routes.get(key)
-        if backend is None:
-            backend, out = self._first_call(layer, key, q, k, v, mask)
-        else:
-            out = backend.run(q, k, v, attn_mask=mask)
-        if is_compiling():
-            layer.graph_calls[backend.name].add_(1)
-        else:
-            layer.calls[backend.name] += 1
-        return out
+        choice = layer.routes.get((q.shape[1], k.shape[1], mask is not None, q.dtype))
+        if choice is None:
+            return self._first_call(layer, q, k, v, mask)
+        if not is_compiling():
+            if self.counting:
+                layer.calls[choice.backend.name] += 1
+            return choice.eager(q, k, v, attn_mask=mask)
+        if self.counting:  # a graph of the caller's own torch.compile
+            layer.graph_calls[choice.backend.name].add_(1)
+        return choice.backend.call(q, k, v, attn_mask=mask)
 
-    def _first_call(self, layer: Layer, key, q, k, v, mask):
+    @torch.compiler.disable  # tries kernels inside try/except: never traced, so never a graph break or a guard
+    def _first_call(self, layer: Layer, q, k, v, mask):
         """Check a new shape against each candidate, try its kernel, keep the first that works."""
-        import torch
-
         shape = layer.shape_of(q, k, mask)
         layer.shapes.add(shape)
         machine = self._machine(q.device)
         start = [b.name for b in self.chain].index(layer.planned)
         candidates = self.chain[start:]
-        if self.measure and shape.key not in self.preferred and not is_compiling():
+        if self.measure and shape.key not in self.preferred:
             self.preferred[shape.key] = self.measure(shape, machine)
         if self.preferred.get(shape.key):  # measured fastest for this shape: try it first
             best = backends.get(self.preferred[shape.key])
@@ -192,12 +210,16 @@ class Router:
             if verdict.usable:
                 try:
                     out = backend.run(q, k, v, attn_mask=mask)
-                    layer.routes[key] = backend
-                    if backend.name not in layer.graph_calls:
-                        layer.graph_calls[backend.name] = torch.zeros((), dtype=torch.int64, device=q.device)
+                    layer.routes[(q.shape[1], k.shape[1], mask is not None, q.dtype)] = \
+                        Choice(backend, eager_call(backend, q, k, v, mask))
                     if backend.diffusers_name == "native":
                         layer.kernels[backend.name] = sdpa_kernel_choice(q, k, v, mask)
-                    return backend, out
+                    if backend.name not in layer.graph_calls:
+                        with torch.inference_mode(False):  # a normal tensor: in place in and out of inference mode
+                            layer.graph_calls[backend.name] = torch.zeros((), dtype=torch.int64)
+                    if self.counting:
+                        layer.calls[backend.name] += 1
+                    return out
                 except torch.OutOfMemoryError:
                     raise  # a full GPU is not the kernel's fault; the caller decides (bench searches batch sizes)
                 except Exception as exc:
@@ -212,13 +234,19 @@ class Router:
 
     def reset_counts(self) -> None:
         """Forget calls so far (a warm-up's), keeping the routes."""
-        import torch
-
         for layer in self.layers:
             layer.calls.clear()
-            with torch.inference_mode():  # the counters were made inside the pipeline's inference mode
-                for count in layer.graph_calls.values():
-                    count.zero_()  # in place: a compiled graph holds on to these very tensors
+            for count in layer.graph_calls.values():
+                count.zero_()  # in place: a compiled graph holds on to these very tensors
+
+    def counts(self) -> Counter:
+        """(layer index, backend) -> calls so far; two snapshots' difference is what happened in between."""
+        return Counter({(i, name): n for i, layer in enumerate(self.layers) for name, n in layer.calls.items()})
+
+    def add(self, counts: Counter) -> None:
+        """Add calls made where they could not be counted one by one (inside a compiled graph)."""
+        for (i, name), n in counts.items():
+            self.layers[i].calls[name] += n
 
     def served(self) -> Counter:
         """Calls per backend over all layers: what actually ran."""
@@ -276,14 +304,60 @@ class CapturingRouter(Router):
 
 def sdpa_kernel_choice(q, k, v, mask) -> str:
     """Which kernel plain SDPA picks for these tensors (torch's own dispatcher, asked directly)."""
-    import torch
-    from torch.nn.attention import SDPBackend
-
     try:
         choice = torch._fused_sdp_choice(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return SDPBackend(choice).name.lower()
     except Exception:
         return "unknown"
+
+
+def eager_call(backend: Backend, q, k, v, mask) -> Callable:
+    """The cheapest eager call that runs `backend`'s kernel on tensors like these.
+
+    diffusers' single-kernel SDPA backends (`sdpa-flash`, ...) wrap every call in
+    torch.nn.attention.sdpa_kernel, which costs more host time than the rest of the call (docs/benchmarks.md).
+    Where plain SDPA picks that kernel anyway, the native call runs it without any switch; otherwise only the
+    kernels SDPA would pick first are switched off around the native call. torch's own chooser
+    (torch._fused_sdp_choice) says which those are and confirms the kernel, once per route."""
+    kernel = SDPA_KERNELS.get(backend.diffusers_name)
+    if kernel is None:
+        return backend.call
+    native = backends.get("sdpa").call
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    switches = []  # torch._C._set_sdp_use_<kernel> of each kernel that SDPA would pick before this one
+    try:
+        while (choice := torch._fused_sdp_choice(qt, kt, vt, mask)) != kernel:
+            if choice not in SDPA_SWITCHES:
+                return backend.call
+            switches.append(getattr(torch._C, SDPA_SWITCHES[choice]))
+            switches[-1](False)
+    except Exception:  # no kernel left that takes these tensors, or no chooser for their device (meta)
+        return backend.call
+    finally:
+        for switch in switches:
+            switch(True)
+    if not switches:
+        return native
+
+    def switched(q, k, v, attn_mask=None):
+        for switch in switches:
+            switch(False)
+        try:
+            return native(q, k, v, attn_mask=attn_mask)
+        finally:
+            for switch in switches:
+                switch(True)
+
+    return switched
+
+
+# diffusers' single-kernel SDPA backends -> torch's number for that kernel; that number -> the kernel's switch
+SDPA_KERNELS = {name: int(getattr(SDPBackend, kernel)) for name, kernel in (
+    ("_native_flash", "FLASH_ATTENTION"), ("_native_efficient", "EFFICIENT_ATTENTION"),
+    ("_native_cudnn", "CUDNN_ATTENTION"), ("_native_math", "MATH"))}
+SDPA_SWITCHES = {int(getattr(SDPBackend, kernel)): f"_set_sdp_use_{switch}" for kernel, switch in (
+    ("FLASH_ATTENTION", "flash"), ("EFFICIENT_ATTENTION", "mem_efficient"), ("CUDNN_ATTENTION", "cudnn"),
+    ("MATH", "math"), ("OVERRIDEABLE", "overrideable"))}
 
 
 class RoutedAttnProcessor:
@@ -311,7 +385,8 @@ class RoutedAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        if getattr(attn, "fused_projections", False) and encoder_hidden_states is None:
+        fused = self.layer.fused
+        if fused and encoder_hidden_states is None:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query = attn.to_q(hidden_states)
@@ -319,7 +394,7 @@ class RoutedAttnProcessor:
                 encoder_hidden_states = hidden_states
             elif attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            if getattr(attn, "fused_projections", False):
+            if fused:
                 key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
             else:
                 key = attn.to_k(encoder_hidden_states)
@@ -438,6 +513,13 @@ def stock_processor(module):
         return processor.stock
     route = getattr(processor, "_attention_backend", None)
     return route.stock if isinstance(route, Route) else processor
+
+
+def router_of(module) -> Router | None:
+    """The router that serves `module`'s attention, or None where sdcli has not routed it."""
+    processor = module.processor
+    route = getattr(processor, "_attention_backend", None)
+    return route.router if isinstance(route, Route) else getattr(processor, "router", None)
 
 
 JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")  # SD 3's: F.sdpa inside

@@ -53,6 +53,8 @@ def plan_key(run, quantized: bool) -> dict:
         "width": run.size[0], "height": run.size[1], "batch_size": s.batch_size,
         "guidance_doubles_batch": doubles_batch(pipe, s.guidance), "quantized": quantized,
         "fuse_qkv": s.fuse_qkv, "channels_last": s.channels_last, "compile": s.compile,
+        "compile_vae": s.compile_vae, "compile_mode": s.compile_mode, "tf32": s.tf32,
+        "cudnn_benchmark": s.cudnn_benchmark,
     }
 
 

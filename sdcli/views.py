@@ -239,6 +239,8 @@ def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
                           f"image{'s' if r['images'] != 1 else ''} in {r['seconds']:.1f} s"
                           + (f", {len(r['skipped'])} already there" if r["skipped"] else "")
                           + (f"; {r['error']}" if r["error"] else ""), soft_wrap=True)
+        if (summary.get("speed") or {}).get("note"):
+            warning(summary["speed"]["note"])
         if summary["attention"]:  # None when rank 0 had nothing left to make
             print_attention(summary["attention"], verbose, "rank 0" if ranks > 1 else "")
         if summary.get("tuning"):
@@ -363,7 +365,7 @@ def print_bench(r: dict) -> None:
     t.add_column("configuration")
     for b in r["batch_sizes"]:
         t.add_column(f"b={b}", justify="right")
-    for col in ("best", "× diffusers", "s/img b=1", "max batch", "peak GiB"):
+    for col in ("best", "× diffusers", "× same options", "s/img b=1", "max batch", "peak GiB"):
         t.add_column(col, justify="right")
     for c in r["configs"]:
         by_batch = {p["batch"]: p for p in c["points"]}
@@ -374,9 +376,20 @@ def print_bench(r: dict) -> None:
         best = c["best"]
         peak = by_batch.get(best["batch"], {}).get("peak_gb") if best else None
         t.add_row(c["name"], *cells, f"{best['images_per_s']:.3f} @{best['batch']}" if best else "-",
-                  _fmt(c.get("speedup_vs_diffusers"), ".2f"), _fmt(c.get("s_per_image_batch1"), ".3f"),
+                  _fmt(c.get("speedup_vs_diffusers"), ".2f"),
+                  _fmt(c.get("speedup_vs_baseline"), ".2f") if c["options"] else "",
+                  _fmt(c.get("s_per_image_batch1"), ".3f"),
                   str(c["largest_batch"]) if c.get("largest_batch") is not None else "-", _fmt(peak, ".2f"))
     out.print(t)
+    sp = r["speed"]
+    on = lambda flag: "on" if flag else "off"  # noqa: E731
+    out.print(f"Every row: TF32 {on(sp['tf32'])}, cuDNN autotuner {on(sp['cudnn_benchmark'])}"
+              + (f"; compiled rows in {sp['compile_mode']} mode" if sp["compile_mode"] else ""), soft_wrap=True)
+    if sp.get("note"):
+        out.print(f"[yellow]note:[/] {sp['note']}", soft_wrap=True)
+    for s in r["summary"]:
+        if s["speedup"]:
+            out.print(f"{s['what']}: {s['row']} is ×{s['speedup']:.2f} {s['against']}", soft_wrap=True)
     if r.get("attention"):
         a = Table(title="Attention kernels alone at the model's shapes (batch = 1 image, 2 with CFG): ms, TFLOP/s",
                   title_justify="left", box=box.SIMPLE_HEAD)

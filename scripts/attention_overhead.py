@@ -1,0 +1,103 @@
+"""Host time that routing adds per attention call, against diffusers' stock AttnProcessor2_0.
+
+One diffusers `Attention` module on tensors so small that the kernel costs next to nothing, one thread:
+what is left is Python and dispatch. Every backend that runs through diffusers' dispatcher and is usable
+here gets a row. A backend that is one of SDPA's kernels is compared with stock running that same kernel
+(SDPA held to it for the whole timing, so stock pays no switch per call); the others with plain stock.
+Short rounds (~2 ms) alternate between stock and routed, so both see the same machine; the figure
+is each one's best round, per call (the round least disturbed by other work).
+
+    python scripts/attention_overhead.py [--device cuda] [--json]
+"""
+
+import argparse
+import json
+import time
+import warnings
+from contextlib import nullcontext
+
+
+def round_us(attn, processor, hidden, calls: int, sync, kernel=None) -> float:
+    """One round of `calls` calls through `processor`, µs per call; SDPA held to `kernel` if given."""
+    from torch.nn.attention import sdpa_kernel
+
+    attn.set_processor(processor)
+    with nullcontext() if kernel is None else sdpa_kernel(kernel):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            attn(hidden)
+        sync()
+        return (time.perf_counter() - t0) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16; default: fp32 on the CPU, fp16 on a GPU")
+    parser.add_argument("--calls", type=int, default=50, help="calls per round (fewer for slow kernels)")
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from torch.nn.attention import SDPBackend
+
+    from sdcli import backends, hardware, numerics, routing
+
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    torch.set_num_threads(1)
+    dtype_name = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
+    dtype = numerics.torch_dtype(dtype_name)
+    sync = (lambda: torch.cuda.synchronize(args.device)) if args.device.startswith("cuda") else (lambda: None)
+    machine = hardware.Machine(hardware.probe(), args.device)
+    attn = Attention(query_dim=32, heads=2, dim_head=16).to(args.device, dtype)
+    hidden = torch.randn(1, 16, 32, device=args.device, dtype=dtype)
+    shape = backends.Shape(2, 16, 16, 16, dtype_name)
+    stock = AttnProcessor2_0()
+
+    rows = []
+    with torch.inference_mode():  # as the pipeline runs
+        for backend in backends.all_backends():
+            if backend.diffusers_name is None or not backend.verdict(machine, shape).usable:
+                continue
+            kernel = routing.SDPA_KERNELS.get(backend.diffusers_name)
+            kernel = None if kernel is None else SDPBackend(kernel)
+            router = routing.Router([backend], machine, strict=True, requested=backend.name)
+            routed = routing.RoutedAttnProcessor(router, router.plan("attn", attn, "self"), stock)
+            try:
+                round_us(attn, routed, hidden, 1, sync)  # the first call chooses the route
+            except routing.RoutingError as exc:
+                rows.append({"backend": backend.name, "error": str(exc)})
+                continue
+            calls = max(10, min(args.calls, int(2e3 / round_us(attn, routed, hidden, 3, sync))))  # ~2 ms a round
+            times = {"stock": [], "routed": []}
+            for _ in range(args.rounds):
+                times["stock"].append(round_us(attn, stock, hidden, calls, sync, kernel))
+                times["routed"].append(round_us(attn, routed, hidden, calls, sync))
+            base, us = min(times["stock"]), min(times["routed"])
+            rows.append({"backend": backend.name, "us_per_call": round(us, 2), "stock_us_per_call": round(base, 2),
+                         "stock_kernel": kernel.name.lower() if kernel else "sdpa's choice",
+                         "same_kernel": kernel is not None or backend.diffusers_name == "native",
+                         "overhead_us": round(us - base, 2), "calls_per_round": calls,
+                         "calls_counted": sum(router.served().values())})
+    result = {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype_name, "threads": 1,
+              "torch": torch.__version__, "rounds": args.rounds, "backends": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['gpu']}, {dtype_name}, 1 thread, torch {torch.__version__}: µs per attention call, "
+          f"best of {args.rounds} rounds")
+    print(f"  {'backend':<16} {'routed':>9} {'stock':>9} {'added':>8}   stock's kernel")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['backend']:<16} {r['error']}")
+            continue
+        other = "" if r["same_kernel"] else "  (not the routed kernel: the difference is the kernel's)"
+        print(f"  {r['backend']:<16} {r['us_per_call']:9.2f} {r['stock_us_per_call']:9.2f} {r['overhead_us']:+8.2f}"
+              f"   {r['stock_kernel']}{other}")
+
+
+if __name__ == "__main__":
+    main()
