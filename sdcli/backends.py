@@ -320,6 +320,18 @@ def torch_flash_impl(impl: str) -> Check:
     return check
 
 
+def torch_fa4_bridge(m: Machine, shape: Shape | None) -> Refusal | None:
+    """torch's FA4 bridge (torch/nn/attention/_fa4.py, the same in every torch read: 2.11 to 2.13) takes
+    `out, lse = _flash_attn_fwd(...)`; flash-attn-4 returns four values from 4.0.0b19 and five from 4.0.0b34,
+    and sdcli needs 4.0.0b36, so every call through the bridge raises. A torch after 2.13 is left to the probe."""
+    have = m.package("torch").get("version") or m.report.get("torch", {}).get("version")
+    if have and _version_tuple(have)[:2] <= (2, 13):
+        return Refusal(WRONG_VERSION, f"torch {have}'s FA4 bridge takes 2 results from flash-attn-4's forward, "
+                                      "which returns 4-5 since 4.0.0b19: every call raises",
+                       "--backend flash-attn-4 runs the same kernels directly")
+    return None
+
+
 def older_than(key: str, pip_name: str, below: str, fix: str) -> Check:
     """The installed package is from before `below` (a newer line that other backends serve)."""
 
@@ -509,7 +521,7 @@ for _b in [
             checks=[fa4_installed, cuda, sm_at_least(8, 0), half, fa4_head_dim, no_mask]),
     Backend("sdpa-fa4", "PyTorch SDPA with torch's FlashAttention-4 implementation swapped in",
             attention=kernels.sdpa_fa4,
-            checks=[fa4_installed, torch_flash_impl("FA4"), cuda,
+            checks=[fa4_installed, torch_flash_impl("FA4"), torch_fa4_bridge, cuda,
                     sm_major_in(9, 10, what=" (torch's FA4 implementation)"), half, fa4_head_dim, no_mask]),
     Backend("xformers", "xFormers memory_efficient_attention", diffusers_name="xformers",
             checks=[package("xformers", "xformers"), xformers_ops, diffusers_accepts("xformers", "xformers"), cuda,

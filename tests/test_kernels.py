@@ -17,10 +17,12 @@ def verdicts(cli, report):
     return {row["backend"]: row for row in data["verdicts"]["backends"]}
 
 
-def derived_report(tmp_path, base, name, cc):
-    """A saved report with another GPU put in: the same packages on another generation."""
+def derived_report(tmp_path, base, name, cc, torch=None):
+    """A saved report with another GPU put in: the same packages on another generation (and another torch)."""
     data = json.loads((REPORTS / f"{base}.json").read_text())
     data["gpus"][0].update(name=name, compute_capability=cc)
+    if torch:
+        data["torch"]["version"] = data["packages"]["torch"]["version"] = torch
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(data))
     return path
@@ -39,14 +41,21 @@ def test_cpu_doctor_says_why_each_new_backend_cannot_run(cli):
         assert rows[name]["fix"].startswith(pip), rows[name]
 
 
-def test_the_gpu_machine_with_what_pypi_serves(cli):
+def test_the_gpu_machine_with_what_pypi_serves(cli, tmp_path):
     """H100, torch 2.11 + CUDA 13, the wheels PyPI has: what each new backend serves, and xformers' remedy."""
     v = verdicts(cli, REPORTS / "h100-cu13.json")
-    for name in NEW:
+    for name in ("flash-attn-4", "flex-compiled", "sage1"):
         assert v[name]["status"] == "usable", v[name]
-    for name in ("flash-attn-4", "sdpa-fa4"):
-        assert v[name]["serves"]["SD 1.x 512²"]["ok"] == 5  # 40/80/160-wide heads: 8-256 on SM90
-        assert v[name]["serves"]["VAE 512²"]["refused"] == ["head dim 512 > 256"]
+    assert v["flash-attn-4"]["serves"]["SD 1.x 512²"]["ok"] == 5  # 40/80/160-wide heads: 8-256 on SM90
+    assert v["flash-attn-4"]["serves"]["VAE 512²"]["refused"] == ["head dim 512 > 256"]
+    # torch's FA4 bridge unpacks two results from flash-attn-4's forward, which returns five: refused, not tried
+    fa4 = v["sdpa-fa4"]
+    assert fa4["status"] == "wrong version" and fa4["fix"] == "--backend flash-attn-4 runs the same kernels directly"
+    assert fa4["reason"].startswith("torch 2.11.0+cu130's FA4 bridge takes 2 results from flash-attn-4's forward")
+    future = verdicts(cli, derived_report(tmp_path, "h100-cu13", "NVIDIA H100 80GB HBM3", "9.0", torch="2.14.0"))
+    assert future["sdpa-fa4"]["status"] == "usable"  # a newer torch is left to the probe
+    assert future["sdpa-fa4"]["serves"]["SD 1.x 512²"]["ok"] == 5
+    assert future["sdpa-fa4"]["serves"]["VAE 512²"]["refused"] == ["head dim 512 > 256"]
     sage1 = v["sage1"]["serves"]
     assert sage1["SD 1.x 512²"]["ok"] == 0 and "head dim 40 not in 64/96/128" in sage1["SD 1.x 512²"]["refused"]
     assert sage1["SDXL 1024²"]["ok"] == 2 and sage1["SDXL 1024²"]["refused"][0].startswith("77 keys, not a multiple of 64")
@@ -66,7 +75,7 @@ def test_the_gpu_machine_with_what_pypi_serves(cli):
     ("Tesla T4", "7.5", None, "runs only on SM9x/SM10x"),
 ])
 def test_flash_attention_4_by_gpu_generation(cli, tmp_path, gpu, cc, fa4_sd1, sdpa_fa4):
-    v = verdicts(cli, derived_report(tmp_path, "h100-cu13", gpu, cc))
+    v = verdicts(cli, derived_report(tmp_path, "h100-cu13", gpu, cc, torch="2.14.0"))  # a torch whose bridge fits
     fa4 = v["flash-attn-4"]
     if fa4_sd1 is None:
         assert fa4["status"] == "unsupported on this GPU" and "needs SM80+" in fa4["reason"]
@@ -100,7 +109,7 @@ def test_auto_measures_exact_ones_and_quantized_only_when_asked():
 
     shape = backends.Shape(10, 64, 4096, 4096, "bf16")
     exact = candidates(shape, quantized=False)
-    assert {"flash-attn-4", "sdpa-fa4", "flex-compiled"} <= exact and "sage1" not in exact
+    assert {"flash-attn-4", "flex-compiled"} <= exact and not {"sage1", "sdpa-fa4"} & exact  # sdpa-fa4: its bridge
     assert "sage1" in candidates(shape, quantized=True)
     assert "sage1" not in candidates(backends.Shape(10, 64, 4096, 77, "bf16"), quantized=True)
 
@@ -270,3 +279,18 @@ def test_gpu_sdpa_fa4_runs_flash_attention_4(cli, monkeypatch):
     q, k, v = (torch.randn(2, 1024, 8, 80, device="cuda", dtype=torch.float16) for _ in range(3))
     out = backends.get("sdpa-fa4").run(q, k, v)
     assert calls and torch.allclose(out, sdpa(q, k, v), atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_sdpa_fa4_refusal_is_what_the_bridge_does(cli):
+    """Where doctor refuses sdpa-fa4 for torch's FA4 bridge, the call really fails that way (the premise, seen)."""
+    import torch
+
+    rows = {r["backend"]: r for r in cli.json("doctor", "--dtype", "fp16")["verdicts"]["backends"]}
+    if "FA4 bridge" not in (rows["sdpa-fa4"]["reason"] or "") or torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("sdpa-fa4 is not refused for its bridge here, or this GPU is not SM9x/SM10x")
+    from sdcli import kernels
+
+    q, k, v = (torch.randn(2, 1024, 8, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        kernels.sdpa_fa4(q, k, v)
