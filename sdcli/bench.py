@@ -243,22 +243,26 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
                   "interleaved) after an untimed call; kernels that compile (flex-compiled: once per shape; "
                   "flash-attn-4: at first use) compile there, so compile time is in none of these numbers",
     }
-    if micro:  # first: the compiled configurations come last and would have to recompile for it
-        runner.say("attention kernels at the model's shapes")
-        run.settings.batch_size = 1
-        shapes, activations = tuning.collect_shapes(run, pipeline.one_step)
-        result["attention"] = tuning.measure_shapes(shapes, machine, quantized=True, everything=True,
-                                                    on_progress=lambda t: runner.say(f"kernels: {t}"),
-                                                    activations=activations)
-    # a compiled model gets at most one graph per (routing, batch size); dynamo's default limit of 8 per function
-    # would silently send longer batch lists back to eager
-    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(batch_sizes) + 2)):
-        for config in configs:
-            result["configs"].append(measure_config(runner, config, batch_sizes, find_max, max_batch))
+    try:
+        if micro:  # first: the compiled configurations come last and would have to recompile for it
+            runner.say("attention kernels at the model's shapes")
+            run.settings.batch_size = 1
+            shapes, activations = tuning.collect_shapes(run, pipeline.one_step)
+            result["attention"] = tuning.measure_shapes(shapes, machine, quantized=True, everything=True,
+                                                        on_progress=lambda t: runner.say(f"kernels: {t}"),
+                                                        activations=activations)
+        # a compiled model gets at most one graph per (routing, batch size); dynamo's default limit of 8 per
+        # function would silently send longer batch lists back to eager
+        with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(batch_sizes) + 2)):
+            for config in configs:
+                result["configs"].append(measure_config(runner, config, batch_sizes, find_max, max_batch))
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: the rows measured so far are the user's
+        result["interrupted"] = {"rows_done": len(result["configs"]), "rows_planned": len(configs)}
     rows = {row["name"]: row for row in result["configs"]}
     for row in result["configs"]:
-        for key, baseline in (("speedup_vs_diffusers", rows[STOCK]), ("speedup_vs_baseline", rows[row["baseline"]])):
-            if row["best"] and baseline["best"]:
+        for key, base in (("speedup_vs_diffusers", STOCK), ("speedup_vs_baseline", row["baseline"])):
+            baseline = rows.get(base)
+            if row["best"] and baseline and baseline["best"]:
                 row[key] = row["best"]["images_per_s"] / baseline["best"]["images_per_s"]
     result["summary"] = summary(result, options)
     return result
@@ -303,7 +307,7 @@ def summary(result: dict, options: tuple[str, ...]) -> list[dict]:
                   ("speed options alone", stock_opt, stock), ("both", auto_opt, stock)]
     out = []
     for what, faster, base in pairs:
-        a, b = rows[faster]["best"], rows[base]["best"]
+        a, b = (rows[name]["best"] if name in rows else None for name in (faster, base))  # rows of a cut-short run
         out.append({"what": what, "row": faster, "against": base,
                     "speedup": a["images_per_s"] / b["images_per_s"] if a and b else None})
     return out

@@ -347,3 +347,8 @@ def bench(
         views.emit_json(result)
     elif not quiet:
         views.print_bench(result)
+    if result.get("interrupted"):
+        cut = result["interrupted"]
+        views.err.print(f"interrupted: {cut['rows_done']} of {cut['rows_planned']} configurations measured, kept in "
+                        f"{result['json']} and {result['plot']}", markup=False, soft_wrap=True)
+        raise typer.Exit(130)

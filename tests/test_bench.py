@@ -187,3 +187,28 @@ def test_compile_counts_every_call_without_recompiling(cli, tmp_path):
                         "--num-images", "3", "--compile", "-o", tmp_path)
     assert data["attention"]["served"] == {"sdpa": 3 * CALLS_PER_IMAGE}
     torch._dynamo.reset()
+
+
+def test_interrupted_bench_keeps_the_rows_it_measured(tmp_path):
+    """Ctrl-C (or a time limit's SIGINT) in the middle of a configuration: the rows before it are saved, JSON and
+    plot, and the exit status is 130. Here the interrupt comes from a kernel, at batch 2 of its row."""
+    env = make_plugin(tmp_path, "ctrlc", """
+        import torch
+        from sdcli.backends import Backend
+        def attention(q, k, v, attn_mask=None, scale=None):
+            if q.shape[0] > 2:  # batch 2 with CFG
+                raise KeyboardInterrupt
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
+        backend = Backend("ctrl-c", "interrupted at batch 2", attention=attention)
+    """, {"ctrl-c": "backend"})
+    result = run_sdcli("bench", *TINY_BENCH, "--backends", "sdpa,ctrl-c", "--batch-sizes", "1,2", "--no-find-max",
+                       "--no-micro", "--json", "-o", tmp_path / "out", env=env)
+    assert result.returncode == 130, result.stderr
+    data = json.loads(result.stdout)
+    assert [c["name"] for c in data["configs"]] == ["diffusers", "sdpa"]
+    assert data["interrupted"] == {"rows_done": 2, "rows_planned": 4}
+    assert data["configs"][1]["speedup_vs_diffusers"] > 0
+    assert json.loads(open(data["json"]).read())["configs"] == data["configs"] and Image.open(data["plot"])
+    assert f"interrupted: 2 of 4 configurations measured, kept in {data['json']}" in result.stderr
+    assert "Traceback" not in result.stderr
