@@ -91,6 +91,11 @@ def _version_tuple(v: str) -> tuple:
     return tuple(parts)
 
 
+def torch_version(m: Machine) -> str | None:
+    """The torch version a report names: its package entry, else its torch section."""
+    return m.package("torch").get("version") or m.report.get("torch", {}).get("version")
+
+
 def package(key: str, pip_name: str, min_version: str | None = None, how: str = "",
             needed_by: str = "diffusers") -> Check:
     """The package is installed, imports, and is new enough for diffusers' wrapper (or `needed_by`)."""
@@ -232,7 +237,7 @@ def no_mask(m: Machine, shape: Shape | None) -> Refusal | None:
 
 def torch_at_least(version: str) -> Check:
     def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        have = m.package("torch").get("version") or m.report.get("torch", {}).get("version")
+        have = torch_version(m)
         if have and _version_tuple(have) < _version_tuple(version):
             return Refusal(WRONG_VERSION, f"needs torch ≥ {version}, this is {have}", f"pip install -U 'torch>={version}'")
         return None
@@ -310,7 +315,7 @@ def torch_flash_impl(impl: str) -> Check:
     def check(m: Machine, shape: Shape | None) -> Refusal | None:
         impls = m.report.get("torch", {}).get("flash_attention_impls") or []
         if impl not in impls:
-            have = m.package("torch").get("version") or m.report.get("torch", {}).get("version")
+            have = torch_version(m)
             return Refusal(WRONG_VERSION, f"torch {have} can't swap {impl} into SDPA "
                                           "(no torch.nn.attention.activate_flash_attention_impl)",
                            "pip install -U torch  (2.13 has it)")
@@ -324,7 +329,7 @@ def torch_fa4_bridge(m: Machine, shape: Shape | None) -> Refusal | None:
     """torch's FA4 bridge (torch/nn/attention/_fa4.py, the same in every torch read: 2.11 to 2.13) takes
     `out, lse = _flash_attn_fwd(...)`; flash-attn-4 returns four values from 4.0.0b19 and five from 4.0.0b34,
     and sdcli needs 4.0.0b36, so every call through the bridge raises. A torch after 2.13 is left to the probe."""
-    have = m.package("torch").get("version") or m.report.get("torch", {}).get("version")
+    have = torch_version(m)
     if have and _version_tuple(have)[:2] <= (2, 13):
         return Refusal(WRONG_VERSION, f"torch {have}'s FA4 bridge takes 2 results from flash-attn-4's forward, "
                                       "which returns 4-5 since 4.0.0b19: every call raises",
