@@ -31,6 +31,10 @@ def apply(pipe, fuse_qkv: bool = False, channels_last: bool = False) -> None:
     fused processor, which routing then replaces with sdcli's (it handles fused projections)."""
     import torch
 
+    from sdcli import lora
+
+    if fuse_qkv:
+        lora.fuse(pipe)  # fused projections would drop PEFT's LoRA layers silently
     for part in families.of_pipeline(pipe).routed:
         model = getattr(pipe, part)
         if fuse_qkv:
