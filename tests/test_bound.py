@@ -12,6 +12,9 @@ from conftest import make_plugin, sdpa
 PLANTED = Path(__file__).with_name("planted_faults.py")
 FAULTS = ["scale-x1.01", "scale-x1.02", "last-key-dropped", "bias-0.4pct", "keys-shuffled"]
 CORRECT = ["sdpa", "sdpa-flash", "flex"]
+# The smallest images that still prove it: 64² makes 64-token and 16-token UNet layers and a 64-token VAE layer;
+# every fault still fails (the sampled inputs decide, whatever the length), and a compare takes a third of 128²'s
+SMALLEST = ["--width", "64", "--height", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def planted(tmp_path, plugins):
 @pytest.mark.parametrize("dtype, model", [("bf16", "tiny"), ("fp16", "tiny"), ("fp32", "tiny"), ("bf16", "sharp")])
 def test_planted_faults_fail_and_correct_kernels_pass(cli, dtype, model, planted, sharp_tiny, tmp_path):
     model = "tiny" if model == "tiny" else sharp_tiny
-    result = cli("compare", "--seed", "42", "-m", model, "--dtype", dtype, "--steps", "1",
+    result = cli("compare", "--seed", "42", "-m", model, "--dtype", dtype, "--steps", "1", *SMALLEST,
                  "--backends", ",".join(CORRECT + FAULTS), "--json", "-o", tmp_path / "out", code=1)
     assert f"{len(FAULTS)} backends broke their bound or failed: {', '.join(FAULTS)}" in result.stderr
     rows = {r["backend"]: r for r in json.loads(result.stdout)["rows"]}
@@ -57,7 +60,7 @@ def test_planted_faults_fail_and_correct_kernels_pass(cli, dtype, model, planted
 
 def test_auto_in_bf16_never_serves_a_planted_fault(cli, planted, tmp_path, monkeypatch):
     monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path / "cache"))
-    data = cli.json("generate", "a cat", "-m", "tiny", "--dtype", "bf16", "--steps", "1", "--seed", "1",
+    data = cli.json("generate", "a cat", "-m", "tiny", "--dtype", "bf16", "--steps", "1", "--seed", "1", *SMALLEST,
                     "-o", tmp_path / "out")
     assert data["dtype"] == "bf16" and len(data["tuning"]["shapes"]) == 5
     for e in data["tuning"]["shapes"]:
