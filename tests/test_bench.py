@@ -57,7 +57,7 @@ def test_bench_recovers_from_out_of_memory(cli, tmp_path, register_backend):
         return sdpa(q, k, v, attn_mask, scale)
 
     register_backend("oomy", attention)
-    rows = {c["name"]: c for c in cli.json("bench", *TINY_BENCH, "--backends", "oomy", "--batch-sizes", "1,2,4",
+    rows = {c["name"]: c for c in cli.json("bench", *TINY_BENCH, "--backends", "oomy", "--batch-sizes", "1,2,4,8",
                                            "--max-batch", "8", "--no-micro", "-o", tmp_path / "out")["configs"]}
     oomy = rows["oomy"]
     assert [(p["batch"], p["oom"]) for p in oomy["points"]] == [(1, False), (2, False), (4, True)]
