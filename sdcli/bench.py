@@ -201,6 +201,7 @@ def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3,
     for name in names or []:
         settings.backend = name
         settings.validate()  # unknown names fail here, before loading anything
+    settings.apply_family()  # and options the model's family can't take
     options = tuple(o for o, on in zip(OPTIONS, (settings.fuse_qkv, settings.channels_last, settings.compile,
                                                  settings.compile_vae)) if on)
     # loaded plainly: each config routes for itself and turns its own options on

@@ -182,13 +182,13 @@ def compare(settings: pipeline.Settings, names: list[str] | None = None, referen
 def compare_run(run: pipeline.Run, names: list[str] | None = None, reference: str | None = None,
                 thresholds: Thresholds | None = None, on_progress=None) -> dict:
     """Run the reference and every backend on the run's first item; return rows with verdicts and images.
-    The pipeline's attention processors are put back as they were."""
+    The pipeline's routing is put back as it was."""
     thresholds = thresholds or Thresholds()
     ref, others = choose(run.report, run.device, names, reference)
     say = on_progress or (lambda text: None)
     machine = hardware.Machine(run.report, run.device)
     item = pipeline.work_items(run.settings)[0]
-    saved = routing.processors(run.pipe)
+    saved = routing.snapshot(run.pipe)
     try:
         outcomes, ref_router = render_all(run, item, ref, others, say)
     finally:

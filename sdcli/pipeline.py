@@ -63,7 +63,7 @@ class Settings:
         from sdcli import models
 
         family = models.recognise(self.model)
-        family.check(self.scheduler, self.negative_prompt, self.width, self.height)
+        family.check(self.scheduler, self.negative_prompt, self.width, self.height, self.fuse_qkv)
         if self.guidance is None:
             self.guidance = family.default_guidance()
         return family

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 
 from rich import box
 from rich.console import Console
@@ -259,17 +260,22 @@ def print_attention(att: dict, verbose: bool, who: str = "") -> None:
     out.print(f"Attention ({att['requested']}{', ' + who if who else ''}): {served}", soft_wrap=True)
     for f in att["fallbacks"]:
         out.print(f"  fallback: {f['layer']} → {f['backend']} ({f['instead_of']}: {f['why']})", soft_wrap=True)
+    not_routed = Counter(why for layer in att.get("not_routed", []) for why in layer["why"])
+    for why, layers in not_routed.items():
+        out.print(f"  not routed: {layers} layer{'s' if layers != 1 else ''}: {why}", soft_wrap=True, markup=False)
     if not verbose:
         return
     t = Table(title="Attention plan: which kernel served which layers (\\[kernel]: what torch's SDPA picked)",
               title_justify="left")
-    for col in ("part", "kind", "heads×dim", "dtype", "layers", "sequences (q, kv)", "served (calls)", "passed over"):
+    for col in ("part", "kind", "heads×dim", "dtype", "layers", "sequences (q, kv)", "served (calls)", "processors",
+                "passed over"):
         t.add_column(col, overflow="fold")
     for g in att["groups"]:
         calls = ", ".join(f"{b}: {n}" + (f" \\[{g['kernels'][b].replace('_attention', '')}]" if b in g["kernels"] else "")
                           for b, n in g["calls"].items())
-        t.add_row(g["part"], g["kind"], f"{g['heads']}×{g['head_dim']}", g["dtype"], str(g["layers"]),
-                  " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), calls,
+        processors = ", ".join(g["processors"]) + (f" ({g['not_reached']} not reached)" if g["not_reached"] else "")
+        t.add_row(g["part"], g["kind"], f"{g['heads'] or '?'}×{g['head_dim'] or '?'}", g["dtype"], str(g["layers"]),
+                  " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), calls, processors,
                   "; ".join(f"{b}: {r}" for b, r in g["refused"].items()))
     out.print(t)
 
