@@ -149,9 +149,7 @@ class Site:
             calls = ACTIVE.calls
             ACTIVE.site, ACTIVE.calls = outer
             processor = type(self.module.processor)
-            if is_compiling():
-                _trace_ran(id(self.router), self.layer.name, processor.__name__, calls)
-            elif processor is not self.layer.last_processor or not calls:
+            if processor is not self.layer.last_processor or not calls:  # else nothing new to note
                 self.router.ran(self.layer, processor, calls)
 
     def attend(self, q, k, v, mask, scale, bhsd: bool):
@@ -452,7 +450,9 @@ class Router:
 
     def ran(self, layer: Layer, processor: type, calls: int) -> None:
         """A forward of `layer`'s module ran `processor` (a new one, or one that made no attention call sdcli saw)."""
-        if self.counting:
+        if is_compiling():  # noted while dynamo traces; `last_processor` is left alone, so no guard on it fails
+            _trace_ran(id(self), layer.name, processor.__name__, calls)
+        elif self.counting:
             layer.last_processor = processor
             layer.processors[processor.__name__] = None
             if not calls:
