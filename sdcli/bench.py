@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field, replace
 
-from sdcli import backends, families, hardware, pipeline, routing, speed, timing, tuning
+from sdcli import backends, families, hardware, out_of_memory, pipeline, routing, speed, timing, tuning
 from sdcli.images import write_new
 
 STOCK = "diffusers"
@@ -50,12 +50,6 @@ def choose_configs(report: dict, device: str, names: list[str] | None, options: 
         configs += [Config("+".join((STOCK, *options)), None, options),
                     Config("+".join(("auto", *options)), "auto", options)]
     return configs
-
-
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError)
 
 
 def largest_batch(fits, limit: int) -> tuple[int, list[tuple[int, bool]]]:
@@ -163,7 +157,7 @@ class Runner:
                 torch.cuda.reset_peak_memory_stats(self.run.device)
             times = [self.render(batch) for _ in range(self.repeats)]
         except Exception as exc:
-            if not is_oom(exc):
+            if not out_of_memory(exc):
                 raise
             pipeline.release_memory()
             return {"batch": batch, "oom": True}
@@ -186,7 +180,7 @@ class Runner:
             self.render(batch, steps=1)
             return True
         except Exception as exc:
-            if not is_oom(exc):
+            if not out_of_memory(exc):
                 raise
             pipeline.release_memory()
             return False

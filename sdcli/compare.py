@@ -20,7 +20,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, pipeline, routing, timing
+from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, out_of_memory, pipeline, routing, \
+    timing
 from sdcli.images import write_new
 from sdcli.backends import EXACT, Backend
 
@@ -94,11 +95,11 @@ def kernel_errors(captured: dict[str, tuple], candidates: list[Backend], machine
                 with torch.inference_mode(), numerics.full_fp32():
                     base = base or numerics.baseline(*call)
                     acc = numerics.accuracy(backend.run(*call[:3], attn_mask=call[3]), *call, base=base)
-            except torch.OutOfMemoryError as exc:
-                failed[backend.name] = error_line(exc)
-                pipeline.release_memory()
-                continue
             except Exception as exc:
+                if out_of_memory(exc):
+                    failed[backend.name] = error_line(exc)
+                    pipeline.release_memory()
+                    continue
                 rows[backend.name].append({**row, "status": "n/a", "why": f"kernel failed: {error_line(exc)}"})
                 continue
             rows[backend.name].append({**row, "status": "ok", **acc,

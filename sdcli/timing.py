@@ -23,7 +23,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sdcli import error_line, numerics
+from sdcli import error_line, numerics, out_of_memory
 from sdcli.backends import Shape
 
 ROUNDS = 5
@@ -105,7 +105,9 @@ def _time(backends: list, rows: dict, shape, batch: int, device: str, min_second
 
     try:
         q, k, v, _ = numerics.sampled_call(shape, device, batch, seed=0)
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
         for b in backends:
             rows[b.name] = _dropped(rows[b.name], exc)
         return {}

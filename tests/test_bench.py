@@ -49,14 +49,38 @@ def test_largest_batch_search():
     assert largest_batch(lambda b: False, 100)[0] == 0
 
 
+def test_out_of_memory_is_known_by_every_allocator():
+    """The one test every command uses: CUDA's caching allocator, cuBLAS, cuDNN, a CUDA runtime call and the CPU
+    allocator (messages as torch's ATen/cuda/Exceptions.h and c10's alloc_cpu.cpp write them); not a kernel's own
+    limits, such as Triton's shared memory."""
+    from sdcli import out_of_memory
+
+    try:
+        torch.empty(1 << 50, dtype=torch.uint8)  # the CPU allocator's own error, for real
+    except RuntimeError as exc:
+        cpu = exc
+    for exc in (cpu, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), MemoryError(),
+                RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+                RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+                RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"),
+                RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:72] data. DefaultCPUAllocator: not enough memory: you "
+                             "tried to allocate 1073741824 bytes.")):
+        assert out_of_memory(exc), exc
+    for exc in (RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448"),
+                RuntimeError("CUDA error: an illegal memory access was encountered"), ValueError("head dim 512")):
+        assert not out_of_memory(exc), exc
+
+
 def test_bench_recovers_from_out_of_memory(tmp_path):
-    """A kernel that runs out of memory above 3 images: bench marks OOM, finds batch 3, and carries on."""
+    """A kernel that runs out of memory above 3 images, as under a memory limit on the CPU (the allocator's own
+    error: a RuntimeError, not torch.OutOfMemoryError): bench marks OOM, finds batch 3, and carries on."""
     env = make_plugin(tmp_path, "oomkernel", """
         import torch
         from sdcli.backends import Backend
         def attention(q, k, v, attn_mask=None, scale=None):
             if q.shape[0] > 6:  # the UNet sees 2 × batch (CFG), the VAE 1 × batch
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                torch.empty(1 << 50, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
             return torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
         backend = Backend("oomy", "runs out of memory above batch 3", attention=attention)
