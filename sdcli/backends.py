@@ -144,16 +144,33 @@ CUDART12_FIX = ("pip install nvidia-cuda-runtime-cu12, then start sdcli with its
 
 
 def xformers_ops(m: Machine, shape: Shape | None) -> Refusal | None:
+    """xformers' compiled ops load, and `xformers.ops` imports: each failure named, both when both fail (fixing
+    one leaves the other). diffusers turns xformers off when the import fails and then calls it "too old"."""
     info = m.package("xformers")
+    reasons, fixes = [], []
     if info.get("ops_ok") is False:
         torch_v = m.package("torch").get("version") or "?"
         built = info.get("built_for_torch")
         why = f"built for torch {built}, this is torch {torch_v}" if built else "its C++/CUDA extension does not load"
         load_error = info.get("load_error") or ""
         if "libcudart.so.12" in load_error:
-            return Refusal(BROKEN, f"xformers' compiled ops don't load: {load_error} ({why})", CUDART12_FIX)
-        return Refusal(BROKEN, f"xformers' compiled ops don't load ({why})",
-                       "pip install xformers matching this torch (see `python -m xformers.info`)")
+            reasons.append(f"xformers' compiled ops don't load: {load_error} ({why})")
+            fixes.append(CUDART12_FIX)
+        else:
+            reasons.append(f"xformers' compiled ops don't load ({why})")
+            fixes.append("pip install xformers matching this torch (see `python -m xformers.info`)")
+    error = info.get("ops_import_error")
+    if error and "flash_attn" in error and m.package("flash_attn_4").get("version") \
+            and not m.package("flash_attn").get("version"):
+        reasons.append(f"import xformers.ops fails: {error}: flash-attn-4's flash_attn/ folder (no __init__.py, no "
+                       "flash-attn 2 in it) makes xFormers' flash op look for flash-attn 2")
+        fixes.append("install flash-attn-4 in an environment of its own (or pip install --target DIR and put DIR on "
+                     "PYTHONPATH only for FlashAttention-4 runs), or pip uninstall flash-attn-4")
+    elif error:
+        reasons.append(f"import xformers.ops fails: {error}")
+        fixes.append("pip install xformers matching this torch (see `python -m xformers.info`)")
+    if reasons:
+        return Refusal(BROKEN, "; and ".join(reasons), "; and ".join(dict.fromkeys(fixes)))
     return None
 
 

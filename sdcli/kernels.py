@@ -8,7 +8,19 @@ call, so that declaring the backends costs nothing.
 
 from __future__ import annotations
 
+import os
 import types
+
+# FlashAttention-4 compiles its kernels at their first call in every new process unless its disk cache is on
+# (flash_attn/cute/cache_utils.py, 4.0.0b36: off unless this is "1"; the cache lives in
+# $FLASH_ATTENTION_CUTE_DSL_CACHE_DIR, default /tmp/$USER/flash_attention_cute_dsl_cache).
+FA4_DISK_CACHE = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+
+
+def fa4_disk_cache() -> None:
+    """Turn FlashAttention-4's disk cache on, unless the user set it. It is read once, when flash_attn.cute is first
+    imported: call this before that (hardware.probe does, and the kernels below)."""
+    os.environ.setdefault(FA4_DISK_CACHE, "1")
 
 
 def _no_mask(attn_mask, kernel: str) -> None:
@@ -19,6 +31,7 @@ def _no_mask(attn_mask, kernel: str) -> None:
 def flash_attn_4(q, k, v, attn_mask=None, scale=None):
     """FlashAttention-4 (`flash-attn-4`, CuTe DSL): the package's own function, compiled at its first call per
     shape. It takes our layout as it is."""
+    fa4_disk_cache()
     from flash_attn.cute import flash_attn_func
 
     _no_mask(attn_mask, "FlashAttention-4")
@@ -34,6 +47,7 @@ def sdpa_fa4(q, k, v, attn_mask=None, scale=None):
     from torch.nn import attention
 
     _no_mask(attn_mask, "SDPA with FlashAttention-4")
+    fa4_disk_cache()  # torch's bridge imports flash_attn.cute.interface
     before = attention.current_flash_attention_impl()
     if before != "FA4":
         attention.activate_flash_attention_impl("FA4")

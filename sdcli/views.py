@@ -93,6 +93,11 @@ def print_doctor(result: dict) -> None:
             state = "[green]ok[/]"
             if p.get("ops_ok") is False:
                 state = f"[red]compiled ops don't load[/] (built for torch {p.get('built_for_torch') or '?'})"
+            if p.get("ops_import_error"):
+                state = ("" if p.get("ops_ok") is not False else state + "; ") \
+                    + f"[red]import xformers.ops fails[/]: {escape(p['ops_import_error'])}"
+            if p.get("disk_cache") is not None:  # FlashAttention-4: off, it compiles again in every process
+                state += f", compiled kernels kept on disk: {'yes' if p['disk_cache'] else '[yellow]no[/]'}"
         elif p.get("version") or p.get("import_ok") is False:
             state = f"[red]import fails[/]: {p.get('error')}"
         else:

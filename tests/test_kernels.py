@@ -157,6 +157,118 @@ def test_broken_installs_are_verdicts_with_their_error(tmp_path):
     assert rows["xformers"]["status"] == "broken install" and "nvidia-cuda-runtime-cu12" in rows["xformers"]["fix"]
 
 
+# flash-attn-4 4.0.0b36 as its wheel lays it out: flash_attn/ without __init__.py, a version looked up under the
+# wrong distribution name, and a disk cache read from the environment once, at import
+FA4_FILES = {
+    "flash_attn/cute/__init__.py": """
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            __version__ = version("fa4")
+        except PackageNotFoundError:
+            __version__ = "0.0.0"
+        from . import cache_utils
+    """,
+    "flash_attn/cute/cache_utils.py": """
+        import os
+        CUTE_DSL_CACHE_ENABLED = os.getenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0") == "1"
+    """,
+}
+# xformers 0.0.35: xformers/ops/fmha/flash.py imports flash-attn 2's interface whenever a `flash_attn` is findable
+XFORMERS_FILES = {
+    "xformers/__init__.py": "_has_cpp_library = True\n",
+    "xformers/ops/__init__.py": """
+        import importlib.util
+        if importlib.util.find_spec("flash_attn"):
+            import flash_attn
+            import flash_attn.flash_attn_interface
+    """,
+    "xformers/cpp_lib.json": '{"version": {"cuda": 1208, "torch": "2.10.0+cu128"}}',
+}
+
+
+def test_doctor_with_flash_attn_4_and_xformers_names_the_real_reason(tmp_path):
+    """Both installed, as on a GPU machine with everything from PyPI: `import xformers.ops` fails on flash-attn-4's
+    bare flash_attn/ folder, diffusers turns xformers off and calls it too old. doctor names the import error and
+    its cause instead of "pip install -U xformers". FlashAttention-4's disk cache is on (it recompiles in every
+    process otherwise), and its version comes from its distribution, not from the module's "0.0.0"."""
+    fake_package(tmp_path, "flash-attn-4", "4.0.0b36", FA4_FILES)
+    fake_package(tmp_path, "xformers", "0.0.35", XFORMERS_FILES, requires=["torch>=2.10"])
+    result = run_sdcli("doctor", "--json", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    xf = {r["backend"]: r for r in data["verdicts"]["backends"]}["xformers"]
+    assert xf["status"] == "broken install", xf
+    assert "import xformers.ops fails: ModuleNotFoundError: No module named 'flash_attn.flash_attn_interface'" in xf["reason"]
+    assert "flash-attn-4's flash_attn/ folder" in xf["reason"] and "environment of its own" in xf["fix"]
+    assert "too old" not in xf["reason"] and "-U" not in xf["fix"]
+    assert "too old" in data["report"]["diffusers_backends"]["xformers"]  # what diffusers itself says
+    fa4 = data["report"]["packages"]["flash_attn_4"]
+    assert fa4["version"] == "4.0.0b36" and fa4["disk_cache"] is True
+    off = run_sdcli("doctor", "--json", env={"PYTHONPATH": str(tmp_path), "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "0"})
+    assert json.loads(off.stdout)["report"]["packages"]["flash_attn_4"]["disk_cache"] is False  # the user's choice
+
+
+def test_flash_attn_4_version_is_never_its_modules_placeholder(tmp_path, monkeypatch):
+    """flash_attn.cute.__version__ always reads "0.0.0": without the distribution's metadata the version is unknown,
+    not a "0.0.0" that the version check would call too old."""
+    import sys
+
+    from sdcli import backends, hardware
+
+    for rel, text in FA4_FILES.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        info = hardware.package_info(["flash-attn-4"], "flash_attn.cute")
+    finally:
+        for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+            del sys.modules[name]
+    assert info["import_ok"] is True and info["version"] is None
+    machine = hardware.Machine({"packages": {"flash_attn_4": info}})
+    assert backends.fa4_installed(machine, None) is None
+
+
+def test_gpus_are_matched_by_uuid_not_by_index(monkeypatch):
+    """NVML counts every GPU in bus order; CUDA only the visible ones, fastest first. With an A100 and an H100 and
+    CUDA_VISIBLE_DEVICES=1, cuda:0 is the H100: the report's GPU 0 must be it, with NVML's facts, not NVML's GPU 0.
+    NVML and the CUDA device are faked: the GPU boundary."""
+    import sys
+    import types
+
+    import torch
+
+    from sdcli import hardware
+
+    nvml = [("NVIDIA A100-SXM4-80GB", (8, 0), "GPU-aaaaaaaa-0000-0000-0000-000000000001"),
+            ("NVIDIA H100 80GB HBM3", (9, 0), "GPU-bbbbbbbb-0000-0000-0000-000000000002")]
+    fake = types.ModuleType("pynvml")
+    fake.nvmlInit = fake.nvmlShutdown = lambda: None
+    fake.nvmlSystemGetDriverVersion = lambda: "580.65.06"
+    fake.nvmlSystemGetCudaDriverVersion_v2 = lambda: 13000
+    fake.nvmlDeviceGetCount = lambda: len(nvml)
+    fake.nvmlDeviceGetHandleByIndex = lambda i: i
+    fake.nvmlDeviceGetName = lambda h: nvml[h][0]
+    fake.nvmlDeviceGetCudaComputeCapability = lambda h: nvml[h][1]
+    fake.nvmlDeviceGetUUID = lambda h: nvml[h][2]
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * 2**30, free=(70 + h) * 2**30)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    h100 = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30,
+                                 multi_processor_count=132, uuid="bbbbbbbb-0000-0000-0000-000000000002")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: h100)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (71 * 2**30, 80 * 2**30))
+    report = hardware.probe(measure=False)
+    [gpu] = report["gpus"]
+    assert (gpu["index"], gpu["nvml_index"], gpu["name"], gpu["compute_capability"]) == (0, 1, "NVIDIA H100 80GB HBM3", "9.0")
+    assert gpu["multiprocessors"] == 132 and gpu["memory_free_gb"] == 71
+    assert hardware.Machine(report, "cuda:0").gpu_label == "NVIDIA H100 80GB HBM3 (SM90)"
+
+
 def test_extras_admit_the_versions_sdcli_was_written_for():
     tomllib = pytest.importorskip("tomllib")
     from packaging.requirements import Requirement
