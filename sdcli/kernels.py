@@ -79,24 +79,37 @@ def sage1(q, k, v, attn_mask=None, scale=None):
 # One compiled function per shape. dynamo keeps compiled versions per code object and, past
 # torch._dynamo.config.recompile_limit (8) shapes, silently runs flex_attention eagerly (unfused) instead: seen on
 # the CPU at the 9th shape, 0.2 ms -> 56 ms. A fresh code object per shape gives each its own cache.
+# The batch is not part of the shape: auto and bench judge a kernel at batch 1 and time it at the run's batch, and a
+# compile per batch size would pay each shape's compile twice. It is marked unbacked, not merely dynamic: dynamo
+# specialises a dynamic size of 1 and would compile again at the first larger batch (checked on the CPU, torch 2.13:
+# batch 1, 2, 4, 1 made one graph unbacked, two merely dynamic).
 _compiled_flex: dict[tuple, object] = {}
 
 
 def _flex(q, k, v, scale):
+    import torch
     from torch.nn.attention.flex_attention import flex_attention
 
+    # the three batch sizes are one: said so, flex_attention's own check of it is no graph break (unbacked sizes)
+    torch._check(k.size(0) == q.size(0))
+    torch._check(v.size(0) == q.size(0))
     return flex_attention(q, k, v, scale=scale)
 
 
 def flex_compiled(q, k, v, attn_mask=None, scale=None):
-    """flex_attention compiled by torch.compile, once per shape (the first call pays the compile)."""
+    """flex_attention compiled by torch.compile, once per shape whatever the batch (the first call pays the
+    compile)."""
     import torch
+    from torch._dynamo.decorators import mark_unbacked
 
     _no_mask(attn_mask, "compiled flex_attention")
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    key = (q.shape, k.shape, q.dtype, q.device, scale)
+    key = (q.shape[1:], k.shape[1:], q.dtype, q.device, scale)
     fn = _compiled_flex.get(key)
     if fn is None:
         fresh = types.FunctionType(_flex.__code__.replace(), _flex.__globals__, f"flex_{len(_compiled_flex)}")
         fn = _compiled_flex[key] = torch.compile(fresh, dynamic=False)
+    if not torch.compiler.is_compiling():  # inside a caller's graph the tensors are the graph's, not inputs
+        for t in (q, k, v):
+            mark_unbacked(t, 0)
     return fn(q, k, v, scale).transpose(1, 2)

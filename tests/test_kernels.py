@@ -59,7 +59,12 @@ def test_the_gpu_machine_with_what_pypi_serves(cli, tmp_path):
     sage1 = v["sage1"]["serves"]
     assert sage1["SD 1.x 512²"]["ok"] == 0 and "head dim 40 not in 64/96/128" in sage1["SD 1.x 512²"]["refused"]
     assert sage1["SDXL 1024²"]["ok"] == 2 and sage1["SDXL 1024²"]["refused"][0].startswith("77 keys, not a multiple of 64")
-    assert v["flex-compiled"]["serves"]["VAE 512²"]["ok"] == 1
+    flex = v["flex-compiled"]["serves"]  # not the VAE's 512-wide head: more shared memory than an H100 has
+    assert flex["SD 1.x 512²"]["ok"] == 5 and flex["VAE 512²"]["ok"] == 0
+    assert flex["VAE 512²"]["refused"][0].startswith("head dim 512 > 256: compiled flex_attention's kernel needs")
+    machine = __import__("sdcli").hardware.Machine(json.loads((REPORTS / "h100-cu13.json").read_text()))
+    narrow = __import__("sdcli").backends.get("flex-compiled").verdict(machine, __import__("sdcli").backends.Shape(8, 8, 64, 64))
+    assert narrow.reason == "head dim 8 < 16: compiled flex_attention fails below 16 on CUDA"
     xf = v["xformers"]
     assert xf["status"] == "broken install" and "libcudart.so.12" in xf["reason"] and "2.10.0+cu128" in xf["reason"]
     assert "pip install nvidia-cuda-runtime-cu12" in xf["fix"] and "LD_LIBRARY_PATH" in xf["fix"]
@@ -89,6 +94,33 @@ def test_flash_attention_4_by_gpu_generation(cli, tmp_path, gpu, cc, fa4_sd1, sd
         assert v["sdpa-fa4"]["status"] == "unsupported on this GPU" and sdpa_fa4 in v["sdpa-fa4"]["reason"]
 
 
+@pytest.mark.parametrize("torch_v, does", [
+    ("2.13.0", None),  # the bridge takes two results where flash-attn-4 returns five: every call raises
+    ("2.14.1", "runs torch's own FlashAttention-2 instead (FA4 would not run)"),
+    ("2.15.0", "raises"),
+])
+def test_sdpa_fa4_follows_the_torch_version(tmp_path, torch_v, does):
+    """torch 2.14 and later take flash-attn-4's results; what FA4 can't take (fp32, a GPU other than SM 9.x/10.x)
+    2.14's bridge silently hands to FlashAttention-2 and 2.15's raises on: refused either way, saying which."""
+    from sdcli import backends, hardware
+
+    fa4 = backends.get("sdpa-fa4")
+
+    def verdict(gpu, cc, dtype):
+        path = derived_report(tmp_path, "h100-cu13", gpu, cc, torch=torch_v)
+        return fa4.verdict(hardware.Machine(json.loads(path.read_text())), backends.Shape(8, 64, 1024, 1024, dtype))
+
+    h100_fp16, h100_fp32 = verdict("NVIDIA H100 80GB HBM3", "9.0", "fp16"), verdict("NVIDIA H100 80GB HBM3", "9.0", "fp32")
+    a100 = verdict("NVIDIA A100-SXM4-80GB", "8.0", "fp16")
+    if does is None:
+        assert {h100_fp16.status, h100_fp32.status, a100.status} == {"wrong version"}
+        return
+    assert h100_fp16.usable and verdict("NVIDIA B200", "10.0", "bf16").usable
+    assert h100_fp32.status == "unsupported shape" and h100_fp32.reason == f"takes fp16/bf16 only: in fp32 torch {torch_v}'s FA4 bridge {does}"
+    assert a100.status == "unsupported on this GPU"
+    assert a100.reason == f"runs only on SM9x/SM10x: on NVIDIA A100-SXM4-80GB (SM80) torch {torch_v}'s FA4 bridge {does}"
+
+
 def test_older_machines_name_the_version_that_is_missing(cli):
     h100 = verdicts(cli, REPORTS / "h100.json")  # torch 2.7.1, SageAttention 2.2 built from source
     assert h100["sdpa-fa4"]["status"] == "wrong version" and "torch 2.7.1+cu128 can't swap FA4" in h100["sdpa-fa4"]["reason"]
@@ -109,7 +141,8 @@ def test_auto_measures_exact_ones_and_quantized_only_when_asked():
 
     shape = backends.Shape(10, 64, 4096, 4096, "bf16")
     exact = candidates(shape, quantized=False)
-    assert {"flash-attn-4", "flex-compiled"} <= exact and not {"sage1", "sdpa-fa4"} & exact  # sdpa-fa4: its bridge
+    assert "flash-attn-4" in exact and not {"sage1", "sdpa-fa4"} & exact  # sdpa-fa4: its bridge
+    assert "flex-compiled" not in exact  # a compile per shape: tried only when named
     assert "sage1" in candidates(shape, quantized=True)
     assert "sage1" not in candidates(backends.Shape(10, 64, 4096, 77, "bf16"), quantized=True)
 
@@ -318,19 +351,24 @@ def test_sdpa_fa4_activates_fa4_for_the_call_and_restores(monkeypatch):
     assert torch.allclose(out, sdpa(q, k, v), atol=1e-6)
 
 
-def test_flex_compiled_compiles_each_shape_once_and_exactly():
-    """Every shape gets its own compiled function: with one compile allowed per function (and a hard error past
-    it), two shapes still compile, and their results are exact."""
+def test_flex_compiled_compiles_each_shape_once_whatever_the_batch_and_exactly():
+    """Every shape gets its own compiled function, and one compile serves every batch size (auto and bench judge at
+    batch 1 and time at the run's batch): with one compile allowed per function (and a hard error past it), two
+    shapes at batch 1, 2 and 3 compile twice in all, and their results are exact."""
     import torch
+    from torch._dynamo.utils import counters
 
     from sdcli import backends, kernels
 
     flex = backends.get("flex-compiled")
+    before = len(kernels._compiled_flex)
+    frames = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-        for n in (32, 48, 32):
-            q, k, v = (torch.randn(1, n, 2, 16) for _ in range(3))
+        for batch, n in ((1, 32), (2, 32), (1, 48), (3, 32), (2, 48)):
+            q, k, v = (torch.randn(batch, n, 2, 16) for _ in range(3))
             assert torch.allclose(flex.run(q, k, v), sdpa(q, k, v), atol=1e-5)
-    assert sum(key[0][2] in (32, 48) and key[0][3] == 16 for key in kernels._compiled_flex) == 2
+    assert len(kernels._compiled_flex) - before == 2
+    assert counters["stats"]["unique_graphs"] - frames == 2  # one graph per shape: no graph break, no recompile
 
 
 # ----- on a GPU -------------------------------------------------------------------------------------------
