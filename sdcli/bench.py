@@ -40,16 +40,34 @@ class Config:
 
 
 def choose_configs(report: dict, device: str, names: list[str] | None, options: tuple[str, ...]) -> list[Config]:
-    """Stock diffusers, each named backend (default: every exact one usable here), auto; with speed options
-    also stock diffusers and auto with them. Option rows come last: fusing and compiling change the model."""
+    """Stock diffusers, auto, then each named backend (default: every exact one usable here); with speed options
+    also stock diffusers and auto with them. In order of value, so that a bench cut short has the answer to its
+    first question (auto against stock): the single backends after them (fastest first, see fastest_first), and the
+    option rows last, since fusing and compiling change the model."""
     machine = hardware.Machine(report, device)
     if names is None:
         names = [b.name for b in backends.usable_here(machine, quantized=False, in_auto_only=True)]
-    configs = [Config(STOCK, None)] + [Config(n, n) for n in names if n != routing.AUTO] + [Config("auto", "auto")]
+    configs = [Config(STOCK, None), Config("auto", "auto")] + [Config(n, n) for n in names if n != routing.AUTO]
     if options:
         configs += [Config("+".join((STOCK, *options)), None, options),
                     Config("+".join(("auto", *options)), "auto", options)]
     return configs
+
+
+def fastest_first(configs: list[Config], attention: list[dict] | None) -> list[Config]:
+    """The single-backend rows in the order of the micro-benchmark: the least total time over the model's attention
+    shapes first (where a backend did not run or broke its bound, the slowest time there counts). Stock, auto and
+    the option rows keep their places."""
+    if not attention:
+        return configs
+    total: dict[str, float] = {}
+    for entry in attention:
+        ms = {m["backend"]: m["ms"] for m in entry["measurements"] if m.get("ok") and "ms" in m}
+        for c in configs:
+            total[c.name] = total.get(c.name, 0.0) + ms.get(c.backend, max(ms.values(), default=0.0))
+    single = [c for c in configs if c.backend not in (None, routing.AUTO) and not c.options]
+    ranked = iter(sorted(single, key=lambda c: total[c.name]))
+    return [next(ranked) if c in single else c for c in configs]
 
 
 def largest_batch(fits, limit: int) -> tuple[int, list[tuple[int, bool]]]:
@@ -246,6 +264,7 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
             result["attention"] = tuning.measure_shapes(shapes, machine, quantized=True, everything=True,
                                                         on_progress=lambda t: runner.say(f"kernels: {t}"),
                                                         activations=activations)
+            configs = fastest_first(configs, result["attention"])
         # a compiled model gets at most one graph per (routing, batch size); dynamo's default limit of 8 per
         # function would silently send longer batch lists back to eager
         with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(batch_sizes) + 2)):
