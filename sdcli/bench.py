@@ -183,7 +183,7 @@ class Runner:
         point = {
             "batch": batch, "oom": False, "seconds": seconds, "times": times,
             "images_per_s": batch / seconds, "s_per_image": seconds / batch,
-            "peak_gb": round(torch.cuda.max_memory_allocated(self.run.device) / 2**30, 3) if cuda else None,
+            "peak_gb": pipeline.peak_memory_gb(self.run.device) if cuda else None,  # CUDA graphs' pools too
             "served": dict(router.served()) if router else None,  # stock diffusers: its own processors, uncounted
         }
         if config.backend == routing.AUTO:
