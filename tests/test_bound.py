@@ -182,3 +182,27 @@ def test_peak_memory_counts_what_cuda_graphs_hold(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda **kwargs: segments)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * gib)
     assert pipeline.peak_memory_gb("cuda:0") == 3.0
+
+
+@pytest.mark.gpu
+def test_gpu_a_small_kernel_is_timed_on_the_device_clock():
+    """A 64-token attention takes microseconds on the GPU, less than the Python that launches it: its time per call
+    on the device's clock is below the host's time per call (which events around the calls would have reported)."""
+    import time
+
+    import torch
+
+    from sdcli import backends, timing
+
+    q, k, v = (torch.randn(1, 64, 1, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    sdpa_ = backends.get("sdpa")
+    fn = lambda: sdpa_.run(q, k, v)  # noqa: E731
+    fn()
+    device = timing.per_call(fn, 50, "cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        fn()
+    host = (time.perf_counter() - t0) / 50
+    torch.cuda.synchronize()
+    assert 0 < device < host, (device, host)
