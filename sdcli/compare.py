@@ -100,7 +100,7 @@ def _judge_cases(cases, candidates, machine, t, rows: dict, failed: dict) -> Non
             row = {**label, "shape": str(shape)}
             verdict = backend.verdict(machine, shape)
             if not verdict.usable:
-                rows[backend.name].append({**row, "status": "n/a", "why": verdict.reason})
+                rows[backend.name].append({**row, "status": "n/a", "refusal": verdict.status, "why": verdict.reason})
                 continue
             try:
                 with torch.inference_mode(), numerics.full_fp32():
@@ -294,11 +294,11 @@ def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Threshold
         return {**row, "verdict": NOT_JUDGED, "why": "interrupted before its kernel-level check finished"}
     served_by_it = o.served.get(o.backend, 0)
     if not served_by_it:
+        refused = list(dict.fromkeys(k["why"] for k in kernels or [] if k["status"] == "n/a"))
+        if kernels and all(k.get("refusal") == backends.UNSUPPORTED_SHAPE for k in kernels):  # no kernel at fault
+            return {**row, "verdict": NOT_APPLICABLE, "why": f"takes no layer of this model ({'; '.join(refused)})"}
         failures = [k["why"] for k in kernels or [] if k["status"] == "failed"]
-        if kernels and not failures and all(k["status"] == "n/a" for k in kernels):  # no kernel at fault
-            refused = "; ".join(dict.fromkeys(k["why"] for k in kernels))
-            return {**row, "verdict": NOT_APPLICABLE, "why": f"takes no layer of this model ({refused})"}
-        why = failures[0] if failures else next((k["why"] for k in kernels or []), "no layer")
+        why = failures[0] if failures else f"can't run here: {refused[0]}" if refused else "no layer"
         return {**row, "verdict": FAILED, "why": f"served no attention call ({why})"}
     if any(not k["finite"] for k in measured):
         return {**row, "verdict": FAIL, "why": "non-finite attention output"}

@@ -125,8 +125,10 @@ def test_a_backend_that_takes_no_layer_of_the_model_is_not_a_failure(cli, tmp_pa
     assert rows["narrow-only"]["verdict"] == "n/a"
     assert rows["narrow-only"]["why"] == ("takes no layer of this model (head dim 16 not in 96/128; head dim 32 not in "
                                           "96/128; head dim 64 not in 96/128)")
-    failed = rows_of(cli.json("compare", *TINY, "--backends", "broken", "-o", tmp_path, code=1))["broken"]
-    assert failed["verdict"] == "failed" and "no kernel image" in failed["why"]
+    failed = rows_of(cli.json("compare", *TINY, "--backends", "broken,sdpa-cudnn", "-o", tmp_path, code=1))
+    assert failed["broken"]["verdict"] == "failed" and "no kernel image" in failed["broken"]["why"]
+    assert failed["sdpa-cudnn"]["verdict"] == "failed"  # named, but not for this machine at all: not "n/a"
+    assert failed["sdpa-cudnn"]["why"] == "served no attention call (can't run here: needs an NVIDIA GPU; this run is on the CPU)"
 
 
 def test_interrupted_compare_keeps_what_it_finished_and_says_how_to_go_on(cli, tmp_path, register_backend):
