@@ -108,6 +108,8 @@ def smoke(doctor_json: str, dtype: str, out: str, per_backend_s: int = 30) -> in
                 row = json.loads(text[0]) if text[0].startswith("{") else {"error": done.stderr.strip()[-400:]}
             except subprocess.TimeoutExpired:
                 code, row = 124, {"error": f"no answer in {per_backend_s} s"}
+            except KeyboardInterrupt:  # the step's time is up: the backends smoked so far are the survivors
+                break
             row.update(backend=name, exit=code, seconds=round(time.perf_counter() - t0, 2))
             lines.write(json.dumps(row, default=str) + "\n")
             lines.flush()
