@@ -207,11 +207,10 @@ def compare_run(run: pipeline.Run, names: list[str] | None = None, reference: st
     reference_out = outcomes[0]
     rendered = [b for b, o in zip(others, outcomes[1:]) if not o.error]
     say("kernel level: every captured layer through every backend")
-    kernel_rows, out_of_memory, cut = kernel_errors(ref_router.captured, rendered, machine, ref_router.layers,
-                                                    thresholds)
+    kernel_rows, ran_out, cut = kernel_errors(ref_router.captured, rendered, machine, ref_router.layers, thresholds)
     for o in outcomes:
-        if o.backend in out_of_memory:
-            o.error = out_of_memory[o.backend]
+        if o.backend in ran_out:  # of memory: reported as failed, like a crash
+            o.error = ran_out[o.backend]
 
     unjudged = {b.name for b in rendered} if cut else set()
     rows = [summarise(o, reference_out, kernel_rows.get(o.backend), thresholds, is_reference=o is reference_out,
