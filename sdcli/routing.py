@@ -32,7 +32,7 @@ import torch
 from torch.compiler import is_compiling
 from torch.nn.attention import SDPBackend
 
-from sdcli import SdcliError, backends, error_line
+from sdcli import SdcliError, backends, error_line, out_of_memory
 from sdcli.backends import Backend, Shape
 from sdcli.hardware import Machine
 from sdcli.numerics import dtype_name
@@ -384,9 +384,9 @@ class Router:
                 try:
                     choice = eager_calls(backend, q4, k4, v4, mask)
                     out = (choice.bhsd if bhsd else choice.bshd)(q, k, v, mask, scale)
-                except torch.OutOfMemoryError:
-                    raise  # a full GPU is not the kernel's fault; the caller decides (bench searches batch sizes)
                 except Exception as exc:
+                    if out_of_memory(exc):
+                        raise  # a full device is not the kernel's fault; the caller decides (bench searches batch sizes)
                     reason = f"the kernel failed: {error_line(exc)}"
                 else:
                     layer.routes[(shape.q_len, shape.kv_len, shape.mask, q.dtype)] = choice

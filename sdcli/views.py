@@ -35,6 +35,11 @@ def warning(text: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
 
+def interrupted(text: str) -> None:
+    """Ctrl-C (or a time limit's SIGINT) cut a command short: what it kept, and how to go on."""
+    err.print(f"interrupted: {text}", markup=False, soft_wrap=True)
+
+
 def _fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
@@ -93,6 +98,11 @@ def print_doctor(result: dict) -> None:
             state = "[green]ok[/]"
             if p.get("ops_ok") is False:
                 state = f"[red]compiled ops don't load[/] (built for torch {p.get('built_for_torch') or '?'})"
+            if p.get("ops_import_error"):
+                state = ("" if p.get("ops_ok") is not False else state + "; ") \
+                    + f"[red]import xformers.ops fails[/]: {escape(p['ops_import_error'])}"
+            if p.get("disk_cache") is not None:  # FlashAttention-4: off, it compiles again in every process
+                state += f", compiled kernels kept on disk: {'yes' if p['disk_cache'] else '[yellow]no[/]'}"
         elif p.get("version") or p.get("import_ok") is False:
             state = f"[red]import fails[/]: {p.get('error')}"
         else:
@@ -324,7 +334,7 @@ def print_compare(result: dict) -> None:
         t.add_column(col, justify="left" if col in ("backend", "verdict") else "right")
     for r in result["rows"]:
         k = r.get("kernel") or {}
-        style = {"pass": "green", "reference": "bold"}.get(r["verdict"], "red")
+        style = {"pass": "green", "reference": "bold", "n/a": "yellow", "not judged": "yellow"}.get(r["verdict"], "red")
         kind = "" if r["verdict"] == "reference" else f" [dim]{r['kind'][:5]}[/]"
         psnr = "∞" if r.get("identical") else _fmt(r.get("psnr_db"), ".1f")
         t.add_row(r["backend"], f"[{style}]{r['verdict']}[/]{kind}", _fmt(k.get("max_rel_error"), ".1e"),
@@ -333,8 +343,10 @@ def print_compare(result: dict) -> None:
                   _fmt(r.get("peak_memory_gb"), ".2f"))
     out.print(t)
     for r in result["rows"]:
-        if r["verdict"] not in ("pass", "reference"):
-            out.print(f"[red]{r['backend']} {r['verdict']}[/]: {r['why']}", soft_wrap=True)
+        if r["verdict"] in ("n/a", "not judged"):
+            out.print(f"[yellow]{r['backend']} {r['verdict']}[/]: {escape(r['why'])}", soft_wrap=True)
+        elif r["verdict"] not in ("pass", "reference"):
+            out.print(f"[red]{r['backend']} {r['verdict']}[/]: {escape(r['why'])}", soft_wrap=True)
         elif r.get("fallback_layers"):
             out.print(f"{r['backend']}: {r['fallback_layers']} of {r['layers']} layers served by "
                       f"{result['reference']} (the backend can't take them)", soft_wrap=True)

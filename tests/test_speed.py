@@ -157,7 +157,7 @@ def test_bench_separates_the_gains_and_says_cpu_has_no_cuda_graphs(cli, tmp_path
     r = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
     assert set(recorder.modes) == {"default"} and r["speed"]["compile_mode"] == "default"
     rows = {c["name"]: c for c in r["configs"]}
-    assert list(rows) == ["diffusers", "sdpa", "auto", "diffusers+compile", "auto+compile"]
+    assert list(rows) == ["diffusers", "auto", "sdpa", "diffusers+compile", "auto+compile"]
     assert rows["diffusers+compile"]["backend"] is None and rows["diffusers+compile"]["options"] == ["compile"]
     assert rows["auto+compile"]["baseline"] == "diffusers+compile" and rows["auto"]["baseline"] == "diffusers"
     for c in r["configs"]:
