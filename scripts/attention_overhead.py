@@ -4,8 +4,12 @@ One diffusers `Attention` module on tensors so small that the kernel costs next 
 what is left is Python and dispatch. Every backend that runs through diffusers' dispatcher and is usable
 here gets a row. A backend that is one of SDPA's kernels is compared with stock running that same kernel
 (SDPA held to it for the whole timing, so stock pays no switch per call); the others with plain stock.
+Stock runs as in a process without sdcli (torch's own SDPA, no pass-through in front of it); routed, the module's
+forward is sdcli's and its processor's SDPA call goes through the pass-through to the router.
 Short rounds (~2 ms) alternate between stock and routed, so both see the same machine; the figure
-is each one's best round, per call (the round least disturbed by other work).
+is each one's best round, per call (the round least disturbed by other work). On the CPU a round is timed by
+this thread's own CPU time (time.thread_time), so other processes on a busy machine don't count; on a GPU by
+the wall clock around synchronised rounds.
 
     python scripts/attention_overhead.py [--device cuda] [--json]
 """
@@ -17,18 +21,21 @@ import warnings
 from contextlib import nullcontext
 
 
-def round_us(attn, processor, hidden, calls: int, sync, kernel=None) -> float:
-    """One round of `calls` calls through `processor`, µs per call; SDPA held to `kernel` if given."""
+def round_us(attn, routed: bool, hidden, calls: int, sync, clock, kernel=None) -> float:
+    """One round of `calls` calls, µs per call: routed (sdcli's pass-throughs in place) or stock (torch's own SDPA);
+    SDPA held to `kernel` if given."""
     from torch.nn.attention import sdpa_kernel
 
-    attn.set_processor(processor)
+    from sdcli import routing
+
+    (routing.install_pass_throughs if routed else routing.remove_pass_throughs)()
     with nullcontext() if kernel is None else sdpa_kernel(kernel):
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(calls):
             attn(hidden)
         sync()
-        return (time.perf_counter() - t0) / calls * 1e6
+        return (clock() - t0) / calls * 1e6
 
 
 def main() -> None:
@@ -51,11 +58,13 @@ def main() -> None:
     dtype_name = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     dtype = numerics.torch_dtype(dtype_name)
     sync = (lambda: torch.cuda.synchronize(args.device)) if args.device.startswith("cuda") else (lambda: None)
+    clock = time.perf_counter if args.device.startswith("cuda") else time.thread_time
     machine = hardware.Machine(hardware.probe(), args.device)
-    attn = Attention(query_dim=32, heads=2, dim_head=16).to(args.device, dtype)
+    stock = Attention(query_dim=32, heads=2, dim_head=16, processor=AttnProcessor2_0()).to(args.device, dtype)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, processor=AttnProcessor2_0()).to(args.device, dtype)
+    attn.load_state_dict(stock.state_dict())
     hidden = torch.randn(1, 16, 32, device=args.device, dtype=dtype)
     shape = backends.Shape(2, 16, 16, 16, dtype_name)
-    stock = AttnProcessor2_0()
 
     rows = []
     with torch.inference_mode():  # as the pipeline runs
@@ -64,18 +73,18 @@ def main() -> None:
                 continue
             kernel = routing.SDPA_KERNELS.get(backend.diffusers_name)
             kernel = None if kernel is None else SDPBackend(kernel)
-            router = routing.Router([backend], machine, strict=True, requested=backend.name)
-            routed = routing.RoutedAttnProcessor(router, router.plan("attn", attn, "self"), stock)
+            router = routing.route(attn, routing.Router([backend], machine, strict=True, requested=backend.name))
             try:
-                round_us(attn, routed, hidden, 1, sync)  # the first call chooses the route
+                round_us(attn, True, hidden, 1, sync, clock)  # the first call chooses the route
             except routing.RoutingError as exc:
                 rows.append({"backend": backend.name, "error": str(exc)})
                 continue
-            calls = max(10, min(args.calls, int(2e3 / round_us(attn, routed, hidden, 3, sync))))  # ~2 ms a round
+            calls = max(10, min(args.calls, int(2e3 / round_us(attn, True, hidden, 3, sync, clock))))  # ~2 ms a round
             times = {"stock": [], "routed": []}
             for _ in range(args.rounds):
-                times["stock"].append(round_us(attn, stock, hidden, calls, sync, kernel))
-                times["routed"].append(round_us(attn, routed, hidden, calls, sync))
+                times["stock"].append(round_us(stock, False, hidden, calls, sync, clock, kernel))
+                times["routed"].append(round_us(attn, True, hidden, calls, sync, clock))
+            routing.unroute(attn)
             base, us = min(times["stock"]), min(times["routed"])
             rows.append({"backend": backend.name, "us_per_call": round(us, 2), "stock_us_per_call": round(base, 2),
                          "stock_kernel": kernel.name.lower() if kernel else "sdpa's choice",

@@ -5,7 +5,7 @@
     plan = sdcli.route(pipe, backend="auto")   # attention routed per layer, every call counted
     image = pipe("a lighthouse").images[0]
     print(plan.served())                       # what actually ran, per backend and per layer
-    sdcli.unroute(pipe)                        # back to diffusers' own processors
+    sdcli.unroute(pipe)                        # attention calls go straight to diffusers again
 
     sdcli.compile(pipe, mode="reduce-overhead")   # torch.compile, counted outside the graph (CUDA graphs stay)
 
@@ -34,13 +34,21 @@ class Plan:
 
     @property
     def layers(self) -> list:
-        """One routing.Layer per attention module: its shape, planned backend, and calls per backend."""
+        """One routing.Layer per attention call site (a module, or its n-th call in one forward, `name#n`): its
+        shape, planned backend, the processors that ran it, and calls per backend."""
         return self.router.layers
 
     def served(self) -> dict:
-        """Attention calls so far: {"backends": {backend: calls}, "layers": {layer: {backend: calls}}}."""
+        """Attention calls so far: {"backends": {backend: calls}, "layers": {layer: {backend: calls}},
+        "processors": {layer: [processor classes that ran it]}, "not_routed": {layer: {why: forwards or calls}}}.
+        A layer whose processor computes attention itself (e.g. diffusers' AttnProcessor after
+        set_default_attn_processor) ran without a routed call: it is under "not_routed", never under "backends";
+        a layer whose forward never ran has no processors."""
+        layers = self.router.layers
         return {"backends": dict(self.router.served()),
-                "layers": {layer.name: dict(layer.served()) for layer in self.router.layers}}
+                "layers": {layer.name: dict(layer.served()) for layer in layers},
+                "processors": {layer.name: [*layer.processors] for layer in layers},
+                "not_routed": {layer.name: dict(layer.not_routed) for layer in layers if layer.not_routed}}
 
     def reset(self) -> None:
         """Forget the calls so far (e.g. a warm-up's); the routes stay."""
@@ -56,10 +64,14 @@ class Plan:
 
 
 def device_of(pipe) -> str:
-    """Where the pipeline's denoiser is: 'cpu' or 'cuda:N'."""
-    from sdcli import families
+    """Where the pipeline's attention runs: its first model with attention ('cpu' or 'cuda:N')."""
+    from sdcli import routing
 
-    return str(getattr(pipe, families.of_pipeline(pipe).denoiser).device)
+    for model in routing.attention_models(pipe).values():
+        weight = next(model.parameters(), None)
+        if weight is not None:
+            return str(weight.device)
+    raise SdcliError(f"{type(pipe).__name__} has no model with diffusers attention modules to route")
 
 
 @lru_cache(maxsize=None)
@@ -91,7 +103,11 @@ def load(model: str, device: str | None = None, dtype: str | None = None, loras:
 
 def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = False, device: str | None = None,
           tune: bool = True) -> Plan:
-    """Route every attention layer of `pipe` (SD 1.x/2.x, SDXL, SD 3/3.5, Flux.1) to `backend` and count each call.
+    """Route every attention call of every model in `pipe` (any diffusers pipeline, or one model: the denoiser, the
+    VAE, ControlNets, priors, refiners) to `backend` and count each call. The attention call is routed whatever
+    processor makes it, so diffusers features used before or after (IP-Adapter, LoRA, fused projections,
+    set_attn_processor, torch.compile) keep working; a processor that computes attention itself is reported as not
+    routed. Routing again replaces the plan.
 
     `backend`: "auto", or a backend name from `sdcli doctor`; a named backend must serve every layer unless
     `fallback` lets auto's order take the others. `quantized` lets auto use quantized kernels. With "auto",
@@ -162,7 +178,7 @@ def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars"
     """`sdcli compare` on `pipe`: the same prompt and seed through the reference and each backend (default:
     every one usable here); a row per backend with its verdict and evidence. With `output_dir`, also the grid
     PNG and the JSON report there (their paths under "grid" and "json"); without, the images as arrays under
-    "images". The pipeline's attention processors are put back as they were."""
+    "images". The pipeline's routing is put back as it was."""
     from sdcli import compare as comparison
     from sdcli import pipeline
 

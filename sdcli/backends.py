@@ -145,16 +145,33 @@ CUDART12_FIX = ("pip install nvidia-cuda-runtime-cu12, then start sdcli with its
 
 
 def xformers_ops(m: Machine, shape: Shape | None) -> Refusal | None:
+    """xformers' compiled ops load, and `xformers.ops` imports: each failure named, both when both fail (fixing
+    one leaves the other). diffusers turns xformers off when the import fails and then calls it "too old"."""
     info = m.package("xformers")
+    reasons, fixes = [], []
     if info.get("ops_ok") is False:
         torch_v = m.package("torch").get("version") or "?"
         built = info.get("built_for_torch")
         why = f"built for torch {built}, this is torch {torch_v}" if built else "its C++/CUDA extension does not load"
         load_error = info.get("load_error") or ""
         if "libcudart.so.12" in load_error:
-            return Refusal(BROKEN, f"xformers' compiled ops don't load: {load_error} ({why})", CUDART12_FIX)
-        return Refusal(BROKEN, f"xformers' compiled ops don't load ({why})",
-                       "pip install xformers matching this torch (see `python -m xformers.info`)")
+            reasons.append(f"xformers' compiled ops don't load: {load_error} ({why})")
+            fixes.append(CUDART12_FIX)
+        else:
+            reasons.append(f"xformers' compiled ops don't load ({why})")
+            fixes.append("pip install xformers matching this torch (see `python -m xformers.info`)")
+    error = info.get("ops_import_error")
+    if error and "flash_attn" in error and m.package("flash_attn_4").get("version") \
+            and not m.package("flash_attn").get("version"):
+        reasons.append(f"import xformers.ops fails: {error}: flash-attn-4's flash_attn/ folder (no __init__.py, no "
+                       "flash-attn 2 in it) makes xFormers' flash op look for flash-attn 2")
+        fixes.append("install flash-attn-4 in an environment of its own (or pip install --target DIR and put DIR on "
+                     "PYTHONPATH only for FlashAttention-4 runs), or pip uninstall flash-attn-4")
+    elif error:
+        reasons.append(f"import xformers.ops fails: {error}")
+        fixes.append("pip install xformers matching this torch (see `python -m xformers.info`)")
+    if reasons:
+        return Refusal(BROKEN, "; and ".join(reasons), "; and ".join(dict.fromkeys(fixes)))
     return None
 
 
@@ -259,21 +276,6 @@ def cuda_because(why: str) -> Check:
     return check
 
 
-def sm_major_in(*majors: int, what: str = "") -> Check:
-    """Whole GPU generations by compute-capability major (9: Hopper, 10: Blackwell, ...), as kernels check them."""
-    names = "/".join(f"SM{m}x" for m in majors)
-
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        cc = m.compute_capability
-        if m.is_cuda and cc and cc[0] not in majors:
-            return Refusal(UNSUPPORTED_GPU, f"runs only on {names}{what}; this is {m.gpu_label}",
-                           "use another backend on this GPU (sdcli picks one with --backend auto)")
-        return None
-
-    check.__name__ = f"sm_major_in({names})"
-    return check
-
-
 def head_dim_in(*dims: int) -> Check:
     def check(m: Machine, shape: Shape | None) -> Refusal | None:
         if shape and shape.head_dim not in dims:
@@ -310,6 +312,21 @@ def fa4_head_dim(m: Machine, shape: Shape | None) -> Refusal | None:
     return None
 
 
+def flex_head_dim(m: Machine, shape: Shape | None) -> Refusal | None:
+    """Compiled flex_attention's Triton kernel on CUDA: head dims under 16 fail, and the VAE's 512-wide head needs
+    about 256 KB of shared memory against an H100's 227 KB (lead: read, not run). The first call's kernel error
+    would fall back anyway, but only after a compile each time."""
+    if not shape or not m.is_cuda:
+        return None
+    if shape.head_dim < 16:
+        return Refusal(UNSUPPORTED_SHAPE, f"head dim {shape.head_dim} < 16: compiled flex_attention fails below 16 "
+                                          "on CUDA")
+    if shape.head_dim > 256:
+        return Refusal(UNSUPPORTED_SHAPE, f"head dim {shape.head_dim} > 256: compiled flex_attention's kernel needs "
+                                          "more shared memory than a GPU has (about 256 KB at 512; an H100 has 227 KB)")
+    return None
+
+
 def torch_flash_impl(impl: str) -> Check:
     """torch can swap `impl` in as SDPA's flash kernel (torch.nn.attention.activate_flash_attention_impl)."""
 
@@ -327,14 +344,25 @@ def torch_flash_impl(impl: str) -> Check:
 
 
 def torch_fa4_bridge(m: Machine, shape: Shape | None) -> Refusal | None:
-    """torch's FA4 bridge (torch/nn/attention/_fa4.py, the same in every torch read: 2.11 to 2.13) takes
-    `out, lse = _flash_attn_fwd(...)`; flash-attn-4 returns four values from 4.0.0b19 and five from 4.0.0b34,
-    and sdcli needs 4.0.0b36, so every call through the bridge raises. A torch after 2.13 is left to the probe."""
+    """torch's FA4 bridge (torch/nn/attention/_fa4.py) by torch version. 2.11 to 2.13 take `out, lse =
+    _flash_attn_fwd(...)`, while flash-attn-4 returns four values from 4.0.0b19 and five from 4.0.0b34 (sdcli needs
+    4.0.0b36): every call raises. 2.14.1 and 2.15.0 take `out, lse, *_`. What FA4 can't take (fp32, dropout, a GPU
+    other than SM 9.x/10.x) the bridge up to 2.14 hands to torch's own FlashAttention-2, so FA4 would silently not
+    run; from 2.15 it raises. Either way sdcli refuses it, saying which."""
     have = torch_version(m)
-    if have and _version_tuple(have)[:2] <= (2, 13):
+    version = _version_tuple(have) if have else ()
+    if version and version[:2] <= (2, 13):
         return Refusal(WRONG_VERSION, f"torch {have}'s FA4 bridge takes 2 results from flash-attn-4's forward, "
                                       "which returns 4-5 since 4.0.0b19: every call raises",
                        "--backend flash-attn-4 runs the same kernels directly")
+    does = "raises" if version[:2] >= (2, 15) else "runs torch's own FlashAttention-2 instead (FA4 would not run)"
+    cc = m.compute_capability
+    if m.is_cuda and cc and cc[0] not in (9, 10):
+        return Refusal(UNSUPPORTED_GPU, f"runs only on SM9x/SM10x: on {m.gpu_label} torch {have}'s FA4 bridge {does}",
+                       "--backend flash-attn-4 runs FlashAttention-4 directly on SM80+")
+    if shape and shape.dtype not in ("fp16", "bf16"):
+        return Refusal(UNSUPPORTED_SHAPE, f"takes fp16/bf16 only: in {shape.dtype} torch {have}'s FA4 bridge {does}",
+                       "run in --dtype fp16 or bf16")
     return None
 
 
@@ -514,7 +542,8 @@ for _b in [
             checks=[diffusers_accepts("flex", "torch")], in_auto=False),  # eager flex is unfused
     Backend("flex-compiled", "PyTorch flex_attention, compiled once per shape", attention=kernels.flex_compiled,
             checks=[torch_at_least("2.5"), cuda_because(FLEX_ON_CPU),
-                    package("triton", "triton", needed_by="torch.compile")]),
+                    package("triton", "triton", needed_by="torch.compile"), flex_head_dim],
+            in_auto=False),  # a compile per shape: every auto plan, bench and default generate would pay them all
     Backend("flash-attn", "FlashAttention-2 (flash-attn package)", diffusers_name="flash",
             checks=[package("flash_attn", "flash-attn", how=FLASH_HOW),
                     diffusers_accepts("flash", "flash_attn", FLASH_HOW), cuda, sm_at_least(8, 0),
@@ -527,8 +556,7 @@ for _b in [
             checks=[fa4_installed, cuda, sm_at_least(8, 0), half, fa4_head_dim, no_mask]),
     Backend("sdpa-fa4", "PyTorch SDPA with torch's FlashAttention-4 implementation swapped in",
             attention=kernels.sdpa_fa4,
-            checks=[fa4_installed, torch_flash_impl("FA4"), torch_fa4_bridge, cuda,
-                    sm_major_in(9, 10, what=" (torch's FA4 implementation)"), half, fa4_head_dim, no_mask]),
+            checks=[fa4_installed, torch_flash_impl("FA4"), torch_fa4_bridge, cuda, fa4_head_dim, no_mask]),
     Backend("xformers", "xFormers memory_efficient_attention", diffusers_name="xformers",
             checks=[package("xformers", "xformers"), xformers_ops, diffusers_accepts("xformers", "xformers"), cuda,
                     sm_at_least(5, 0)]),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field, replace
 
-from sdcli import backends, families, hardware, pipeline, routing, speed, timing, tuning
+from sdcli import backends, families, hardware, out_of_memory, pipeline, routing, speed, timing, tuning
 from sdcli.images import write_new
 
 STOCK = "diffusers"
@@ -40,22 +40,34 @@ class Config:
 
 
 def choose_configs(report: dict, device: str, names: list[str] | None, options: tuple[str, ...]) -> list[Config]:
-    """Stock diffusers, each named backend (default: every exact one usable here), auto; with speed options
-    also stock diffusers and auto with them. Option rows come last: fusing and compiling change the model."""
+    """Stock diffusers, auto, then each named backend (default: every exact one usable here); with speed options
+    also stock diffusers and auto with them. In order of value, so that a bench cut short has the answer to its
+    first question (auto against stock): the single backends after them (fastest first, see fastest_first), and the
+    option rows last, since fusing and compiling change the model."""
     machine = hardware.Machine(report, device)
     if names is None:
         names = [b.name for b in backends.usable_here(machine, quantized=False, in_auto_only=True)]
-    configs = [Config(STOCK, None)] + [Config(n, n) for n in names if n != routing.AUTO] + [Config("auto", "auto")]
+    configs = [Config(STOCK, None), Config("auto", "auto")] + [Config(n, n) for n in names if n != routing.AUTO]
     if options:
         configs += [Config("+".join((STOCK, *options)), None, options),
                     Config("+".join(("auto", *options)), "auto", options)]
     return configs
 
 
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError)
+def fastest_first(configs: list[Config], attention: list[dict] | None) -> list[Config]:
+    """The single-backend rows in the order of the micro-benchmark: the least total time over the model's attention
+    shapes first (where a backend did not run or broke its bound, the slowest time there counts). Stock, auto and
+    the option rows keep their places."""
+    if not attention:
+        return configs
+    total: dict[str, float] = {}
+    for entry in attention:
+        ms = {m["backend"]: m["ms"] for m in entry["measurements"] if m.get("ok") and "ms" in m}
+        for c in configs:
+            total[c.name] = total.get(c.name, 0.0) + ms.get(c.backend, max(ms.values(), default=0.0))
+    single = [c for c in configs if c.backend not in (None, routing.AUTO) and not c.options]
+    ranked = iter(sorted(single, key=lambda c: total[c.name]))
+    return [next(ranked) if c in single else c for c in configs]
 
 
 def largest_batch(fits, limit: int) -> tuple[int, list[tuple[int, bool]]]:
@@ -163,7 +175,7 @@ class Runner:
                 torch.cuda.reset_peak_memory_stats(self.run.device)
             times = [self.render(batch) for _ in range(self.repeats)]
         except Exception as exc:
-            if not is_oom(exc):
+            if not out_of_memory(exc):
                 raise
             pipeline.release_memory()
             return {"batch": batch, "oom": True}
@@ -171,7 +183,7 @@ class Runner:
         point = {
             "batch": batch, "oom": False, "seconds": seconds, "times": times,
             "images_per_s": batch / seconds, "s_per_image": seconds / batch,
-            "peak_gb": round(torch.cuda.max_memory_allocated(self.run.device) / 2**30, 3) if cuda else None,
+            "peak_gb": pipeline.peak_memory_gb(self.run.device) if cuda else None,  # CUDA graphs' pools too
             "served": dict(router.served()) if router else None,  # stock diffusers: its own processors, uncounted
         }
         if config.backend == routing.AUTO:
@@ -186,7 +198,7 @@ class Runner:
             self.render(batch, steps=1)
             return True
         except Exception as exc:
-            if not is_oom(exc):
+            if not out_of_memory(exc):
                 raise
             pipeline.release_memory()
             return False
@@ -201,6 +213,7 @@ def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3,
     for name in names or []:
         settings.backend = name
         settings.validate()  # unknown names fail here, before loading anything
+    settings.apply_family()  # and options the model's family can't take
     report = report or hardware.probe()
     machine = hardware.Machine(report, pipeline.choose_device(report, settings.device))
     for name in names or []:  # and names that can't run here at all, with doctor's fix
@@ -273,6 +286,7 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
             result["attention"] = tuning.measure_shapes(shapes, machine, quantized=True, everything=True,
                                                         on_progress=lambda t: runner.say(f"kernels: {t}"),
                                                         activations=activations)
+            configs = fastest_first(configs, result["attention"])
         # a compiled model gets at most one graph per (routing, batch size); dynamo's default limit of 8 per
         # function would silently send longer batch lists back to eager
         with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(batch_sizes) + 2)):

@@ -134,6 +134,12 @@ def doctor(
         views.emit_json(result)
     else:
         views.print_doctor(result)
+    if result.get("probe_interrupted"):
+        cut = result["probe_interrupted"]
+        views.interrupted(f"the probe measured {cut['shapes_done']} of {cut['shapes_planned']} shapes (kept in the "
+                          "output above); to finish, run " + " and ".join(
+                              f"sdcli doctor --probe --family {f}" for f in cut["families_left"]))
+        raise typer.Exit(130)
 
 
 def use_threads(settings) -> None:
@@ -333,6 +339,12 @@ def compare(
         views.emit_json(result)
     elif not quiet:
         views.print_compare(result)
+    if result.get("interrupted"):
+        cut = result["interrupted"]
+        views.interrupted(f"{cut['backends_done']} of {cut['backends_planned']} backends compared, kept in "
+                          f"{result['json']} and {result['grid']}; to finish, run the same command with --backends "
+                          f"{','.join(cut['left'])}")
+        raise typer.Exit(130)
     cmp.check(result)
 
 

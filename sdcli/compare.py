@@ -20,12 +20,14 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, pipeline, plural, routing, \
-    timing
+from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, out_of_memory, pipeline, \
+    plural, routing, timing
 from sdcli.images import write_new
 from sdcli.backends import EXACT, Backend
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
+NOT_APPLICABLE = "n/a"       # usable here, but no layer of this model has a shape it takes: nothing to judge
+NOT_JUDGED = "not judged"    # interrupted before its kernel-level check finished
 
 
 class CompareFailed(SdcliError):
@@ -60,15 +62,14 @@ def choose(report: dict, device: str, names: list[str] | None, reference: str | 
 
 
 def kernel_errors(captured: dict[str, tuple], candidates: list[Backend], machine: hardware.Machine, layers,
-                  t: Thresholds) -> tuple[dict[str, list[dict]], dict[str, str]]:
+                  t: Thresholds) -> tuple[dict[str, list[dict]], dict[str, str], bool]:
     """Judge each backend on every captured layer's real inputs, and once per distinct layer shape on sampled
     inputs of realistic magnitude (numerics.sampled_call, the inputs auto's tuner also uses): a fault that a
     flat layer hides (e.g. a wrong softmax scale on near-uniform attention) shows there. Each call: the error
     against wide-dtype math, in units of rounding, and whether it is within the backend's bound; each baseline is
-    computed once for all backends. Returns rows per backend, and the backends that ran out of memory (they are
-    reported as failed, like a crash)."""
-    import torch
-
+    computed once for all backends. Returns rows per backend (status "ok", "n/a" where its checks refuse the shape,
+    "failed" where its kernel raised), the backends that ran out of memory (they are reported as failed, like a
+    crash), and whether Ctrl-C cut it short (the rows so far are kept)."""
     info = {l.name: l for l in layers}
     cases, sampled = [], set()
     for name, (q, k, v, mask) in captured.items():
@@ -80,6 +81,16 @@ def kernel_errors(captured: dict[str, tuple], candidates: list[Backend], machine
                           lambda shape=shape, device=q.device: numerics.sampled_call(shape, device)))
     rows = {b.name: [] for b in candidates}
     failed: dict[str, str] = {}
+    try:
+        _judge_cases(cases, candidates, machine, t, rows, failed)
+    except KeyboardInterrupt:
+        return rows, failed, True
+    return rows, failed, False
+
+
+def _judge_cases(cases, candidates, machine, t, rows: dict, failed: dict) -> None:
+    import torch
+
     for label, shape, call in cases:
         call = call() if callable(call) else call
         base = None
@@ -89,24 +100,23 @@ def kernel_errors(captured: dict[str, tuple], candidates: list[Backend], machine
             row = {**label, "shape": str(shape)}
             verdict = backend.verdict(machine, shape)
             if not verdict.usable:
-                rows[backend.name].append({**row, "status": "n/a", "why": verdict.reason})
+                rows[backend.name].append({**row, "status": "n/a", "refusal": verdict.status, "why": verdict.reason})
                 continue
             try:
                 with torch.inference_mode(), numerics.full_fp32():
                     base = base or numerics.baseline(*call)
                     acc = numerics.accuracy(backend.run(*call[:3], attn_mask=call[3]), *call, base=base)
-            except torch.OutOfMemoryError as exc:
-                failed[backend.name] = error_line(exc)
-                pipeline.release_memory()
-                continue
             except Exception as exc:
-                rows[backend.name].append({**row, "status": "n/a", "why": f"kernel failed: {error_line(exc)}"})
+                if out_of_memory(exc):
+                    failed[backend.name] = error_line(exc)
+                    pipeline.release_memory()
+                    continue
+                rows[backend.name].append({**row, "status": "failed", "why": f"kernel failed: {error_line(exc)}"})
                 continue
             rows[backend.name].append({**row, "status": "ok", **acc,
                                        "within_bound": numerics.within_bound(backend.kind, acc, t.exact_tol,
                                                                              t.quantized_tol),
                                        "why": numerics.bound_text(backend.kind, acc, t.exact_tol, t.quantized_tol)})
-    return rows, failed
 
 
 def image_metrics(image, reference) -> dict:
@@ -183,43 +193,53 @@ def compare(settings: pipeline.Settings, names: list[str] | None = None, referen
 def compare_run(run: pipeline.Run, names: list[str] | None = None, reference: str | None = None,
                 thresholds: Thresholds | None = None, on_progress=None) -> dict:
     """Run the reference and every backend on the run's first item; return rows with verdicts and images.
-    The pipeline's attention processors are put back as they were."""
+    The pipeline's routing is put back as it was."""
     thresholds = thresholds or Thresholds()
     ref, others = choose(run.report, run.device, names, reference)
     say = on_progress or (lambda text: None)
     machine = hardware.Machine(run.report, run.device)
     item = pipeline.work_items(run.settings)[0]
-    saved = routing.processors(run.pipe)
+    saved = routing.snapshot(run.pipe)
     try:
         outcomes, ref_router = render_all(run, item, ref, others, say)
     finally:
         routing.restore(run.pipe, saved)
     reference_out = outcomes[0]
+    rendered = [b for b, o in zip(others, outcomes[1:]) if not o.error]
     say("kernel level: every captured layer through every backend")
-    kernel_rows, out_of_memory = kernel_errors(
-        ref_router.captured, [b for b, o in zip(others, outcomes[1:]) if not o.error], machine, ref_router.layers,
-        thresholds)
+    kernel_rows, ran_out, cut = kernel_errors(ref_router.captured, rendered, machine, ref_router.layers, thresholds)
     for o in outcomes:
-        if o.backend in out_of_memory:
-            o.error = out_of_memory[o.backend]
+        if o.backend in ran_out:  # of memory: reported as failed, like a crash
+            o.error = ran_out[o.backend]
 
-    rows = [summarise(o, reference_out, kernel_rows.get(o.backend), thresholds, is_reference=o is reference_out)
-            for o in outcomes]
-    return {
+    unjudged = {b.name for b in rendered} if cut else set()
+    rows = [summarise(o, reference_out, kernel_rows.get(o.backend), thresholds, is_reference=o is reference_out,
+                      judged=o.backend not in unjudged) for o in outcomes]
+    result = {
         "model": run.model_name, "prompt": item.prompt, "seed": item.seed, "steps": run.settings.steps,
         "device": run.device, "gpu": machine.gpu_label, "dtype": run.dtype, "vae_dtype": run.vae_dtype,
         "reference": ref.name, "thresholds": thresholds.__dict__, "rows": rows,
-        "passed": all(r["verdict"] in (PASS, REFERENCE) for r in rows),
+        "passed": all(r["verdict"] in (PASS, REFERENCE, NOT_APPLICABLE) for r in rows),
         "_images": {o.backend: o.image for o in outcomes if o.image is not None},
     }
+    left = [b.name for b in others if b.name in unjudged or b.name not in {o.backend for o in outcomes}]
+    if left:  # Ctrl-C (or a time limit's SIGINT): what finished is kept; these are what a second run would do
+        result["passed"] = False
+        result["interrupted"] = {"backends_done": len(others) - len(left), "backends_planned": len(others),
+                                 "left": left}
+    return result
 
 
 def render_all(run: pipeline.Run, item: pipeline.Item, ref: Backend, others: list[Backend], say):
     """The reference's image (capturing each layer's inputs), then each backend's with the reference serving the
-    layers it can't take. Returns the outcomes, reference first, and the reference's router."""
+    layers it can't take. Returns the outcomes, reference first, and the reference's router; Ctrl-C after the
+    reference ends the list early (the outcomes so far are kept), before it there is nothing to keep."""
     say(f"reference: {ref.name}")
     ref_router = routing.CapturingRouter.for_request(ref.name, run.report, run.device)
-    reference_out = render_with(run, ref_router, item, warmup=True)
+    try:
+        reference_out = render_with(run, ref_router, item, warmup=True)
+    except KeyboardInterrupt:
+        raise pipeline.Interrupted(f"interrupted in the reference run ({ref.name}): nothing was compared yet") from None
     if reference_out.problem:
         raise SdcliError(f"the reference run with {ref.name} came out bad: {reference_out.problem}")
     outcomes = [reference_out]
@@ -228,6 +248,8 @@ def render_all(run: pipeline.Run, item: pipeline.Item, ref: Backend, others: lis
         router = routing.Router.for_request(backend.name, run.report, run.device, fallback=ref.name)
         try:
             outcome = render_with(run, router, item, warmup=True)
+        except KeyboardInterrupt:
+            break
         except Exception as exc:  # a backend that crashes is reported; the others still run
             outcome = Outcome(backend.name, backend.kind, error=error_line(exc))
             pipeline.release_memory()
@@ -243,7 +265,8 @@ def check(result: dict) -> None:
                             f"or failed: {', '.join(broken)}")
 
 
-def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool) -> dict:
+def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool,
+              judged: bool = True) -> dict:
     row = {"backend": o.backend, "kind": o.kind, "seconds": o.seconds, "peak_memory_gb": o.peak_memory_gb,
            "served": o.served, "layers": o.layers, "fallback_layers": o.fallback_layers, "error": o.error}
     if is_reference:
@@ -267,9 +290,15 @@ def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Threshold
         "calls_outside_bound": sum(not k["within_bound"] for k in measured),
         "per_layer": kernels,
     }
+    if not judged:
+        return {**row, "verdict": NOT_JUDGED, "why": "interrupted before its kernel-level check finished"}
     served_by_it = o.served.get(o.backend, 0)
     if not served_by_it:
-        why = next((k["why"] for k in kernels or [] if k["status"] == "n/a"), "no layer")
+        refused = list(dict.fromkeys(k["why"] for k in kernels or [] if k["status"] == "n/a"))
+        if kernels and all(k.get("refusal") == backends.UNSUPPORTED_SHAPE for k in kernels):  # no kernel at fault
+            return {**row, "verdict": NOT_APPLICABLE, "why": f"takes no layer of this model ({'; '.join(refused)})"}
+        failures = [k["why"] for k in kernels or [] if k["status"] == "failed"]
+        why = failures[0] if failures else f"can't run here: {refused[0]}" if refused else "no layer"
         return {**row, "verdict": FAILED, "why": f"served no attention call ({why})"}
     if any(not k["finite"] for k in measured):
         return {**row, "verdict": FAIL, "why": "non-finite attention output"}

@@ -72,23 +72,41 @@ def assess(report: dict, device: str | None = None, dtype: str | None = None, fa
     return {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype, "backends": rows}
 
 
-def probe(report: dict, verdicts: dict, on_progress=None, families: dict = REFERENCE_SHAPES) -> list[dict]:
+def probe(report: dict, verdicts: dict, on_progress=None, families: dict = REFERENCE_SHAPES) -> tuple[list, dict | None]:
     """Run every usable backend at each self-attention shape of `families` it takes: judged against exact
-    attention by compare's rule (why, when it fails) and timed. on_progress(text, total) before each shape."""
+    attention by compare's rule (why, when it fails) and timed. on_progress(text, total) before each shape.
+    Returns the rows, and None, or after Ctrl-C (or a time limit's SIGINT) the rows of the shapes finished and
+    what was left: {shapes_done, shapes_planned, families_left}."""
     cap = None if verdicts["device"].startswith("cuda") else CPU_PROBE_SEQ
-    shapes = []
-    for items in families.values():
+    shapes, owners = [], {}
+    for family, items in families.items():
         for heads, head_dim, q, kv in items:
             shape = Shape(heads, head_dim, min(q, cap or q), min(kv, cap or kv), verdicts["dtype"])
             if kv != 77 and shape not in shapes:  # self-attention only: the big calls, where kernels differ
                 shapes.append(shape)
+            owners.setdefault(shape, []).append(family)
     machine = Machine(report, verdicts["device"])
     results = []
-    for s in shapes:
+    for done, s in enumerate(shapes):
         if on_progress:
             on_progress(f"backends at {s}", len(shapes))
-        results += timing.measure(usable_here(machine, s), s, verdicts["device"])
-    return results
+        try:
+            results += timing.measure(usable_here(machine, s), s, verdicts["device"])
+        except KeyboardInterrupt:
+            left = dict.fromkeys(f for shape in shapes[done:] for f in owners[shape])
+            return results, {"shapes_done": done, "shapes_planned": len(shapes),
+                             "families_left": [family_option(f) for f in left]}
+    return results, None
+
+
+# The --family value that picks each family alone (reference_shapes matches on a part of the name)
+FAMILY_OPTIONS = {"SD 1.x 512²": "sd1", "SD 2.x 768²": "sd2", "SDXL 1024²": "sdxl",
+                  "SD 3.5 Medium 1024²": "'sd3.5 medium'", "SD 3.5 Large 1024²": "'sd3.5 large'",
+                  "Flux.1 1024²": "flux", "VAE 512²": "vae"}
+
+
+def family_option(family: str) -> str:
+    return FAMILY_OPTIONS.get(family, f"'{family}'")
 
 
 PROBE_FAILED = "failed the probe"
@@ -136,14 +154,17 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
     data = load_report(report) if report else hardware.probe()
     validate.gpu_in_report(device, data)
     verdicts = assess(data, device, dtype, families)
-    probed = probe(data, verdicts, on_progress, families) if probe_kernels else None
+    probed, cut = probe(data, verdicts, on_progress, families) if probe_kernels else (None, None)
     if probed:
         probe_verdicts(verdicts, probed)
     from sdcli import tuning  # loads torch: after the checks, so that bad input fails fast
 
     # plans measured on this machine, and the cache files that are not plans
     plans, skipped = ([], []) if report else tuning.cached_plans(data, device)
-    return {"report": data, "verdicts": verdicts, "probe": probed, "plans": plans, "skipped_cache_files": skipped}
+    result = {"report": data, "verdicts": verdicts, "probe": probed, "plans": plans, "skipped_cache_files": skipped}
+    if cut:
+        result["probe_interrupted"] = cut
+    return result
 
 
 callable_module(__name__, "doctor")  # `sdcli.doctor(...)` stays the API function once this module is imported

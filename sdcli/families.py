@@ -2,10 +2,10 @@
 
 A family names the diffusers pipeline classes it covers (model_index.json's `_class_name`), diffusers'
 names for its single-file checkpoints, its denoiser (the component that runs every step), the
-components whose attention modules sdcli routes and which of their processor classes it may replace,
-the schedulers that fit its training objective, what its guidance means, the sizes it takes, and
+schedulers that fit its training objective, what its guidance means, the sizes it takes, and
 sdcli's built-in models of that family. Everything else (text encoders, latent packing, VAE scaling
-and shift, decoding) is the pipeline's own. A new family is one more entry.
+and shift, decoding) is the pipeline's own. A new family is one more entry. Routing needs no family:
+it routes every attention call of any pipeline (sdcli.routing).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sdcli import SdcliError
-
-STOCK_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0")  # diffusers' own, F.sdpa inside
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
 SD_SCHEDULERS = {
@@ -44,12 +42,11 @@ class Family:
     checkpoints: tuple[str, ...]           # diffusers' names for its checkpoints (infer_diffusers_model_type)
     builtins: tuple[str, ...] = ()         # sdcli's built-in models of this family (models.BUILTIN)
     denoiser: str = "unet"                 # the component that runs every step
-    routed: tuple[str, ...] = ("unet", "vae")        # components whose attention sdcli routes
-    processors: tuple[str, ...] = STOCK_PROCESSORS   # processor classes sdcli may replace there
     schedulers: dict = field(default_factory=lambda: SD_SCHEDULERS, repr=False)
     guidance: str = "cfg"                  # "cfg": classifier-free (doubles the batch); "distilled": an input
     size_multiple: int = 8                 # width and height are multiples of this
     negative_prompt: bool = True
+    no_fuse_qkv: str = ""                  # why diffusers' fused q/k/v projections would change its results
 
     def native_size(self, pipe) -> int:
         """The size the pipeline makes when given none: its own default (SD 1.x's pipeline has none: the UNet's)."""
@@ -68,8 +65,11 @@ class Family:
         call = getattr(diffusers, pipe_class or self.pipelines[0]).__call__
         return inspect.signature(call).parameters["guidance_scale"].default
 
-    def check(self, scheduler: str, negative_prompt: str | None, width: int | None, height: int | None) -> None:
+    def check(self, scheduler: str, negative_prompt: str | None, width: int | None, height: int | None,
+              fuse_qkv: bool = False) -> None:
         """Settings that only some families take fail here, in one line, before anything loads."""
+        if fuse_qkv and self.no_fuse_qkv:
+            raise SdcliError(f"--fuse-qkv does not fit {self.name}: {self.no_fuse_qkv}")
         if scheduler != "default" and scheduler not in self.schedulers:
             raise SdcliError(f"--scheduler {scheduler} does not fit {self.name}; choose default, "
                              f"{', '.join(self.schedulers)}")
@@ -86,14 +86,14 @@ FAMILIES = [
     # an MMDiT: image and text tokens attend jointly; patch size 2 over 8× latents makes 16-pixel steps
     Family("SD 3/3.5", ("StableDiffusion3Pipeline",), ("sd3", "sd35_medium", "sd35_large"),
            builtins=("tiny-sd3", "sd35-medium-arch", "sd35-large-arch"), denoiser="transformer",
-           routed=("transformer", "vae"),
-           processors=("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", *STOCK_PROCESSORS),
-           schedulers=FLOW_SCHEDULERS, size_multiple=16),
+           schedulers=FLOW_SCHEDULERS, size_multiple=16,
+           no_fuse_qkv="diffusers' FusedJointAttnProcessor2_0 skips the q/k norms (and fails on SD 3.5 Medium's "
+                       "second attention, which has no text), so the pictures would change"),
     # its processors call diffusers' dispatcher; latents packed 2×2 (16-pixel steps); FluxPipeline takes a negative
     # prompt only for "true CFG", off by default
     Family("Flux.1", ("FluxPipeline",), ("flux-dev", "flux-schnell"), builtins=("tiny-flux", "flux-dev-arch"),
-           denoiser="transformer", routed=("transformer", "vae"), processors=("FluxAttnProcessor", *STOCK_PROCESSORS),
-           schedulers=FLOW_SCHEDULERS, guidance="distilled", size_multiple=16, negative_prompt=False),
+           denoiser="transformer", schedulers=FLOW_SCHEDULERS, guidance="distilled", size_multiple=16,
+           negative_prompt=False),
 ]
 
 

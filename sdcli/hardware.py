@@ -14,9 +14,10 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 
 from sdcli import __version__
-from sdcli import error_line, first_line
+from sdcli import error_line, first_line, kernels
 
 SCHEMA = "sdcli.report/1"
 
@@ -82,7 +83,10 @@ def package_info(dists: list[str], module: str) -> dict:
     try:
         mod = importlib.import_module(module)
         info["import_ok"] = True
-        info["version"] = version or getattr(mod, "__version__", None)
+        module_version = getattr(mod, "__version__", None)
+        # "0.0.0" is a placeholder, not a version: flash_attn.cute's always reads so (it looks up a distribution
+        # named "fa4"; flash-attn-4's is "flash-attn-4"), so a version comes from the distribution's metadata
+        info["version"] = version or (module_version if module_version != "0.0.0" else None)
     except Exception as exc:  # an ABI mismatch raises OSError/RuntimeError/ImportError, all alike here
         info["import_ok"] = False
         info["error"] = error_line(exc)
@@ -119,6 +123,10 @@ def xformers_ops() -> dict:
         failure = getattr(getattr(xformers, "_cpp_lib", None), "_cpp_library_load_exception", None)
         if failure is not None:
             out["load_error"] = error_line(failure.__cause__ or failure)
+    try:  # what diffusers imports; when it fails diffusers turns xformers off and calls it "too old"
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # e.g. flash-attn-4's bare flash_attn/: "No module named 'flash_attn.flash_attn_interface'"
+        out["ops_import_error"] = error_line(exc)
     return out
 
 
@@ -162,6 +170,10 @@ def nvml_gpus() -> tuple[list[dict], dict]:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             gpu = {"index": i, "source": "nvml", "name": _text(pynvml.nvmlDeviceGetName(h))}
+            try:
+                gpu["uuid"] = _text(pynvml.nvmlDeviceGetUUID(h))
+            except Exception:
+                gpu["uuid"] = None
             try:
                 major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
                 gpu["compute_capability"] = f"{major}.{minor}"
@@ -217,7 +229,7 @@ def torch_info(only: int | None = None) -> tuple[dict, list[dict]]:
             p = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i) if only in (None, i) else (None, p.total_memory)
             gpus.append({
-                "index": i, "source": "torch", "name": p.name,
+                "index": i, "source": "torch", "name": p.name, "uuid": str(getattr(p, "uuid", "") or "") or None,
                 "compute_capability": f"{p.major}.{p.minor}",
                 "memory_total_gb": round(total / 2**30, 2),
                 "memory_free_gb": round(free / 2**30, 2) if free is not None else None,
@@ -226,6 +238,32 @@ def torch_info(only: int | None = None) -> tuple[dict, list[dict]]:
     except Exception as exc:  # e.g. a driver too old for this torch's CUDA
         info["error"] = error_line(exc)
     return info, gpus
+
+
+def same_gpus(nv_gpus: list[dict], torch_gpus: list[dict]) -> list[dict]:
+    """The GPUs this process can use, by their CUDA index (what `cuda:N` names), each with NVML's facts where NVML
+    knows the same GPU. Matched by UUID, not by index: NVML counts every GPU in PCI bus order, CUDA only those in
+    CUDA_VISIBLE_DEVICES and, by default, fastest first. Without a CUDA torch, NVML's list as it is (doctor then says
+    torch can't use them)."""
+    if not torch_gpus:
+        return nv_gpus
+    by_uuid = {_uuid(g.get("uuid")): g for g in nv_gpus if g.get("uuid")}
+    gpus = []
+    for gpu in torch_gpus:
+        twin = by_uuid.get(_uuid(gpu.get("uuid")))
+        if twin is None:
+            gpus.append(gpu)
+            continue
+        gpus.append({**twin, "index": gpu["index"], "nvml_index": twin["index"],
+                     "multiprocessors": gpu["multiprocessors"],
+                     "memory_free_gb": twin.get("memory_free_gb") if twin.get("memory_free_gb") is not None
+                     else gpu.get("memory_free_gb")})
+    return gpus
+
+
+def _uuid(text: str | None) -> str:
+    """NVML writes "GPU-5d3c...", torch "5d3c...": the same UUID."""
+    return (text or "").lower().removeprefix("gpu-")
 
 
 def measure_dtypes(cuda: bool, gpu: int = 0) -> dict:
@@ -278,12 +316,12 @@ def probe(measure: bool = True, only_gpu: int | None = None) -> dict:
     GPU holds a CUDA context of every rank)."""
     nv_gpus, nvml = nvml_gpus()
     torch_data, torch_gpus = torch_info(only_gpu)
-    gpus = nv_gpus or torch_gpus
-    for gpu in gpus:  # NVML first; torch fills what NVML does not know
-        twin = next((g for g in torch_gpus if g["index"] == gpu["index"]), None)
-        if twin:
-            gpu["multiprocessors"] = gpu.get("multiprocessors") or twin["multiprocessors"]
+    gpus = same_gpus(nv_gpus, torch_gpus)
+    kernels.fa4_disk_cache()  # before flash_attn.cute is first imported (below), which reads the setting once
     packages = {key: package_info(dists, module) for key, dists, module in PACKAGES}
+    if packages["flash_attn_4"]["import_ok"]:
+        cache = sys.modules.get("flash_attn.cute.cache_utils")
+        packages["flash_attn_4"]["disk_cache"] = getattr(cache, "CUTE_DSL_CACHE_ENABLED", None)
     if packages["xformers"]["version"]:
         packages["xformers"].update(xformers_ops())
     report = {

@@ -66,7 +66,7 @@ class Settings:
         from sdcli import models
 
         family = models.recognise(self.model)
-        family.check(self.scheduler, self.negative_prompt, self.width, self.height)
+        family.check(self.scheduler, self.negative_prompt, self.width, self.height, self.fuse_qkv)
         if self.guidance is None:
             self.guidance = family.default_guidance()
         return family
@@ -373,6 +373,24 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def peak_memory_gb(device: str) -> float:
+    """The most GPU memory `device` held since its peak was last reset: torch's peak of allocated memory, plus what
+    CUDA graphs hold in their private pools beyond their live tensors. A graph's memory is reserved when it is
+    captured and reused by every replay without passing through the allocator, so the allocated peak alone
+    under-reports a reduce-overhead run by about the graphs' working memory."""
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    try:
+        segments = torch.cuda.memory_snapshot(include_traces=False)
+    except TypeError:  # a torch without the argument
+        segments = torch.cuda.memory_snapshot()
+    graphs = sum(seg["total_size"] - seg["allocated_size"] for seg in segments
+                 if seg.get("device", index) == index and tuple(seg.get("segment_pool_id") or (0, 0)) != (0, 0))
+    return round((torch.cuda.max_memory_allocated(device) + graphs) / 2**30, 3)
+
+
 def one_step(run: Run, batch: int | None = None) -> None:
     """A one-step render of the first item at `batch` (default: the run's batch size): enough to meet every
     attention shape of the run (see tuning.collect_shapes)."""
@@ -427,7 +445,7 @@ def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=N
             if on_image:
                 on_image(result)
     if cuda:
-        run.peak_memory_gb = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+        run.peak_memory_gb = peak_memory_gb(run.device)
     return run
 
 

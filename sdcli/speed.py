@@ -27,17 +27,17 @@ WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotu
 
 
 def apply(pipe, fuse_qkv: bool = False, channels_last: bool = False) -> None:
-    """Options diffusers users know, on the denoiser and the VAE. Fuse before routing: diffusers installs its own
-    fused processor, which routing then replaces with sdcli's (it handles fused projections)."""
+    """Options diffusers users know, on every model with attention (denoiser, VAE, ControlNets). Before or after
+    routing alike: diffusers' fused processor makes the same attention call, which stays routed."""
     import torch
 
     from sdcli import lora
+    from sdcli.routing import attention_models
 
     if fuse_qkv:
         lora.fuse(pipe)  # fused projections would drop PEFT's LoRA layers silently
-    for part in families.of_pipeline(pipe).routed:
-        model = getattr(pipe, part)
-        if fuse_qkv:
+    for model in attention_models(pipe).values():
+        if fuse_qkv and hasattr(model, "fuse_qkv_projections"):
             model.fuse_qkv_projections()
         if channels_last:
             model.to(memory_format=torch.channels_last)

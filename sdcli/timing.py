@@ -4,7 +4,8 @@ measurement of attention kernels at one shape.
 On the CPU it is wall time. On a GPU work is queued, so the stopwatch first waits for the device's
 earlier work, then brackets the block with CUDA events on the device's own stream (not whatever GPU
 happens to be current) and waits for the end event: the block's queued kernels are counted, earlier
-ones are not.
+ones are not. A kernel alone is timed on the device's own clock (per_call): the GPU waits while the
+host queues the calls, so the Python that launches a small kernel is not its time.
 
 Measuring kernels at a shape: accuracy first, at batch 1, on two calls with different inputs (the layer's
 real activations when a run captured them, and sampled ones of realistic magnitude), by the rule `sdcli
@@ -23,7 +24,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sdcli import error_line, numerics
+from sdcli import error_line, numerics, out_of_memory
 from sdcli.backends import Shape
 
 ROUNDS = 5
@@ -55,6 +56,58 @@ def stopwatch(device: str):
     end.record(stream)
     end.synchronize()
     watch.seconds = start.elapsed_time(end) / 1e3
+
+
+# How long the GPU waits before the timed calls, per device: it grows until the host can queue every call in it.
+_HOLD: dict[str, float] = {}
+_CYCLES_PER_SECOND: dict[str, float] = {}
+
+
+def per_call(fn, calls: int, device: str) -> float:
+    """Seconds per call of `fn`, over `calls` back-to-back calls. On the CPU, wall time. On a GPU, the device's own
+    time: a small kernel finishes before Python has launched the next, so events around the calls alone would time
+    the Python that launches them (the GPU idles in between). So the GPU first waits (torch.cuda._sleep) while the
+    host queues every call, and the events bracket only the calls; if the host took longer than the wait, the wait
+    doubles and it runs again (4 tries; a kernel that waits for the host itself stays host-bound)."""
+    if not str(device).startswith("cuda"):
+        with stopwatch(device) as watch:
+            for _ in range(calls):
+                fn()
+        return watch.seconds / calls
+    import torch
+
+    stream = torch.cuda.current_stream(device)
+    hold = _HOLD.get(device, 1e-3)
+    for _ in range(4):
+        held, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        torch.cuda.synchronize(device)
+        with torch.cuda.device(device):  # _sleep runs on the current device
+            t0 = time.perf_counter()
+            held.record(stream)
+            torch.cuda._sleep(int(hold * _cycles_per_second(device)))
+            start.record(stream)
+            for _ in range(calls):
+                fn()
+            end.record(stream)
+            queued = time.perf_counter() - t0
+        end.synchronize()
+        if held.elapsed_time(start) / 1e3 >= queued:  # every call was queued before the GPU reached the first
+            _HOLD[device] = hold
+            break
+        hold = 2 * max(hold, queued)
+    return start.elapsed_time(end) / 1e3 / calls
+
+
+def _cycles_per_second(device: str) -> float:
+    """The GPU's clock as torch.cuda._sleep counts it, measured once."""
+    if device not in _CYCLES_PER_SECOND:
+        import torch
+
+        cycles = 10**6
+        with torch.cuda.device(device), stopwatch(device) as watch:
+            torch.cuda._sleep(cycles)
+        _CYCLES_PER_SECOND[device] = cycles / max(watch.seconds, 1e-6)
+    return _CYCLES_PER_SECOND[device]
 
 
 def _dropped(row: dict, exc: BaseException) -> dict:
@@ -105,17 +158,14 @@ def _time(backends: list, rows: dict, shape, batch: int, device: str, min_second
 
     try:
         q, k, v, _ = numerics.sampled_call(shape, device, batch, seed=0)
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
         for b in backends:
             rows[b.name] = _dropped(rows[b.name], exc)
         return {}
 
-    def seconds(fn, calls: int) -> float:
-        with stopwatch(device) as watch:
-            for _ in range(calls):
-                fn()
-        return watch.seconds / calls
-
+    seconds = lambda fn, calls: per_call(fn, calls, device)  # noqa: E731
     calls, timed = {}, {}
     with torch.inference_mode():
         for b in list(backends):

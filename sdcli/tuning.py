@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from sdcli import backends, families, lora, routing, timing, validate
+from sdcli import backends, lora, routing, timing, validate
 from sdcli.backends import Shape
 from sdcli.hardware import Machine
 
@@ -78,8 +78,7 @@ def doubles_batch(pipe, guidance: float) -> bool | float:
 
 
 def routed_models(pipe) -> list:
-    family = families.of_pipeline(pipe)
-    return [getattr(pipe, part) for part in family.routed if getattr(pipe, part, None) is not None]
+    return list(routing.attention_models(pipe).values())
 
 
 def plan_path(key: dict) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 
 from rich import box
 from rich.console import Console
@@ -38,6 +39,11 @@ def plain(value) -> str:
     """Text from outside (a package spec, a path, a message, a plug-in's name) as it is: in a table cell or a
     printed line rich would take `[cu13]` in `'flash-attn-4[cu13]>=4.0.0b36'` for markup and drop it."""
     return escape(str(value))
+
+
+def interrupted(text: str) -> None:
+    """Ctrl-C (or a time limit's SIGINT) cut a command short: what it kept, and how to go on."""
+    err.print(f"interrupted: {text}", markup=False, soft_wrap=True)
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:
@@ -101,6 +107,11 @@ def print_doctor(result: dict) -> None:
             state = "[green]ok[/]"
             if p.get("ops_ok") is False:
                 state = f"[red]compiled ops don't load[/] (built for torch {plain(p.get('built_for_torch') or '?')})"
+            if p.get("ops_import_error"):
+                state = ("" if p.get("ops_ok") is not False else state + "; ") \
+                    + f"[red]import xformers.ops fails[/]: {plain(p['ops_import_error'])}"
+            if p.get("disk_cache") is not None:  # FlashAttention-4: off, it compiles again in every process
+                state += f", compiled kernels kept on disk: {'yes' if p['disk_cache'] else '[yellow]no[/]'}"
         elif p.get("version") or p.get("import_ok") is False:
             state = f"[red]import fails[/]: {plain(p.get('error'))}"
         else:
@@ -282,17 +293,22 @@ def print_attention(att: dict, verbose: bool, who: str = "") -> None:
         parts = ", ".join(dict.fromkeys(layer.split(".")[0] for layer in layers))
         which = layers[0] if len(layers) == 1 else f"{plural(len(layers), 'layer')} of the {parts} (--json lists each)"
         out.print(f"  fallback: {which} → {backend} ({instead_of}: {why})", soft_wrap=True, markup=False)
+    not_routed = Counter(why for layer in att.get("not_routed", []) for why in layer["why"])
+    for why, layers in not_routed.items():
+        out.print(f"  not routed: {plural(layers, 'layer')}: {why}", soft_wrap=True, markup=False)
     if not verbose:
         return
     t = Table(title="Attention plan: which kernel served which layers (\\[kernel]: what torch's SDPA picked)",
               title_justify="left")
-    for col in ("part", "kind", "heads×dim", "dtype", "layers", "sequences (q, kv)", "served (calls)", "passed over"):
+    for col in ("part", "kind", "heads×dim", "dtype", "layers", "sequences (q, kv)", "served (calls)", "processors",
+                "passed over"):
         t.add_column(col, overflow="fold")
     for g in att["groups"]:
         calls = ", ".join(f"{b}: {n}" + (f" [{g['kernels'][b].replace('_attention', '')}]" if b in g["kernels"] else "")
                           for b, n in g["calls"].items())
-        t.add_row(plain(g["part"]), g["kind"], f"{g['heads']}×{g['head_dim']}", g["dtype"], str(g["layers"]),
-                  " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), plain(calls),
+        processors = ", ".join(g["processors"]) + (f" ({g['not_reached']} not reached)" if g["not_reached"] else "")
+        t.add_row(plain(g["part"]), g["kind"], f"{g['heads'] or '?'}×{g['head_dim'] or '?'}", g["dtype"],
+                  str(g["layers"]), " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), plain(calls), plain(processors),
                   plain("; ".join(f"{b}: {r}" for b, r in g["refused"].items())))
     out.print(t)
 
@@ -341,7 +357,7 @@ def print_compare(result: dict) -> None:
         t.add_column(col, justify="left" if col in ("backend", "verdict") else "right")
     for r in result["rows"]:
         k = r.get("kernel") or {}
-        style = {"pass": "green", "reference": "bold"}.get(r["verdict"], "red")
+        style = {"pass": "green", "reference": "bold", "n/a": "yellow", "not judged": "yellow"}.get(r["verdict"], "red")
         kind = "" if r["verdict"] == "reference" else f" [dim]{r['kind'][:5]}[/]"
         psnr = "∞" if r.get("identical") else _fmt(r.get("psnr_db"), ".1f")
         t.add_row(plain(r["backend"]), f"[{style}]{r['verdict']}[/]{kind}", _fmt(k.get("max_rel_error"), ".1e"),
@@ -350,7 +366,9 @@ def print_compare(result: dict) -> None:
                   _fmt(r.get("peak_memory_gb"), ".2f"))
     out.print(t)
     for r in result["rows"]:
-        if r["verdict"] not in ("pass", "reference"):
+        if r["verdict"] in ("n/a", "not judged"):
+            out.print(f"[yellow]{plain(r['backend'])} {r['verdict']}[/]: {plain(r['why'])}", soft_wrap=True)
+        elif r["verdict"] not in ("pass", "reference"):
             out.print(f"[red]{plain(r['backend'])} {r['verdict']}[/]: {plain(r['why'])}", soft_wrap=True)
         elif r.get("fallback_layers"):
             out.print(f"{r['backend']}: {r['fallback_layers']} of {plural(r['layers'], 'layer')} served by "

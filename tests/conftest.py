@@ -72,9 +72,9 @@ def register_backend():
 
     names = []
 
-    def register(name, attention, checks=(), kind="exact"):
+    def register(name, attention, checks=(), kind="exact", **options):
         backends.register(backends.Backend(name, f"test backend {name}", kind=kind, attention=attention,
-                                           checks=list(checks)), replace=True)
+                                           checks=list(checks), **options), replace=True)
         names.append(name)
 
     yield register

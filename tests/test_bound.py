@@ -116,3 +116,96 @@ def test_gpu_kernels_are_judged_and_timed_on_the_runs_device():
     rows = timing.measure([backends.get("sdpa"), backends.get("sdpa-math")], Shape(8, 40, 1024, 1024, "bf16"),
                           device, batch=2)
     assert all(r["ok"] and r["ms"] > 0 and r["calls_timed"] >= 5 for r in rows), rows
+
+
+def test_a_small_kernel_is_timed_on_the_device_clock_not_the_host(monkeypatch):
+    """On a GPU a small kernel (here 1 µs) ends long before Python has launched the next (here 30 µs): events around
+    back-to-back calls would time the Python. The GPU is simulated (the boundary that needs one): work queued on it
+    starts when it is free and not before it was queued; events, synchronize and _sleep act on that timeline."""
+    import contextlib
+    import time
+
+    import torch
+
+    from sdcli import timing
+
+    gpu = {"free": 0.0}  # when the queued work ends, on the host's clock
+
+    def queue(seconds):
+        gpu["free"] = max(gpu["free"], time.perf_counter()) + seconds
+
+    def wait():
+        while time.perf_counter() < gpu["free"]:
+            pass
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self, stream=None):
+            queue(0.0)
+            self.at = gpu["free"]
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3
+
+        synchronize = staticmethod(wait)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: wait())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: queue(cycles / 1.5e9))
+    monkeypatch.setattr(timing, "_HOLD", {})
+    monkeypatch.setattr(timing, "_CYCLES_PER_SECOND", {})
+
+    def small_kernel():
+        launched = time.perf_counter() + 30e-6
+        while time.perf_counter() < launched:
+            pass
+        queue(1e-6)
+
+    assert timing.per_call(small_kernel, 50, "cuda:0") == pytest.approx(1e-6, rel=0.01)
+
+
+def test_peak_memory_counts_what_cuda_graphs_hold(monkeypatch):
+    """A CUDA graph's working memory is reserved in its private pool at capture and reused by every replay without
+    the allocator counting it as allocated: the peak of a reduce-overhead run adds it. The allocator's state is
+    faked (the GPU boundary), in the layout torch.cuda.memory_snapshot documents."""
+    import torch
+
+    from sdcli import pipeline
+
+    gib = 2**30
+    segments = [
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 3 * gib, "allocated_size": 2 * gib},  # cache: not use
+        {"device": 0, "segment_pool_id": (1, 0), "total_size": 3 * gib // 2, "allocated_size": gib // 2},  # a graph
+        {"device": 1, "segment_pool_id": (1, 0), "total_size": 8 * gib, "allocated_size": 0},  # another GPU's
+    ]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda **kwargs: segments)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * gib)
+    assert pipeline.peak_memory_gb("cuda:0") == 3.0
+
+
+@pytest.mark.gpu
+def test_gpu_a_small_kernel_is_timed_on_the_device_clock():
+    """A 64-token attention takes microseconds on the GPU, less than the Python that launches it: its time per call
+    on the device's clock is below the host's time per call (which events around the calls would have reported)."""
+    import time
+
+    import torch
+
+    from sdcli import backends, timing
+
+    q, k, v = (torch.randn(1, 64, 1, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    sdpa_ = backends.get("sdpa")
+    fn = lambda: sdpa_.run(q, k, v)  # noqa: E731
+    fn()
+    device = timing.per_call(fn, 50, "cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        fn()
+    host = (time.perf_counter() - t0) / 50
+    torch.cuda.synchronize()
+    assert 0 < device < host, (device, host)

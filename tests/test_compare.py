@@ -106,6 +106,47 @@ def test_exact_and_quantized_promises_have_their_own_bounds(cli, tmp_path, regis
     assert rows_of(loose)["noisy-exact"]["verdict"] == "pass"
 
 
+def test_a_backend_that_takes_no_layer_of_the_model_is_not_a_failure(cli, tmp_path, register_backend):
+    """Usable here, but no layer of this model has a shape it takes (sage1 on SD 1.5, whose heads are 40, 80, 160
+    and 512 wide): nothing to judge, no kernel at fault. "n/a", exit 0. A kernel that raises at every layer still
+    fails."""
+    from sdcli.backends import head_dim_in
+
+    def broken(q, k, v, attn_mask=None, scale=None):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    register_backend("wide-only", sdpa, checks=[head_dim_in(64, 96, 128)])  # tiny's heads: 16, 32 and the VAE's 64
+    register_backend("narrow-only", sdpa, checks=[head_dim_in(96, 128)])
+    register_backend("broken", broken)
+    data = cli.json("compare", *TINY, "--backends", "sdpa,narrow-only,wide-only", "-o", tmp_path)
+    rows = rows_of(data)
+    assert data["passed"] and rows["sdpa"]["verdict"] == "pass" and rows["wide-only"]["verdict"] == "pass"
+    assert rows["narrow-only"]["verdict"] == "n/a"
+    assert rows["narrow-only"]["why"] == ("takes no layer of this model (head dim 16 not in 96/128; head dim 32 not in "
+                                          "96/128; head dim 64 not in 96/128)")
+    failed = rows_of(cli.json("compare", *TINY, "--backends", "broken,sdpa-cudnn", "-o", tmp_path, code=1))
+    assert failed["broken"]["verdict"] == "failed" and "no kernel image" in failed["broken"]["why"]
+    assert failed["sdpa-cudnn"]["verdict"] == "failed"  # named, but not for this machine at all: not "n/a"
+    assert failed["sdpa-cudnn"]["why"] == "served no attention call (can't run here: needs an NVIDIA GPU; this run is on the CPU)"
+
+
+def test_interrupted_compare_keeps_what_it_finished_and_says_how_to_go_on(cli, tmp_path, register_backend):
+    """Ctrl-C (or a time limit's SIGINT) during a backend's run: the backends before it are judged and saved, grid
+    and JSON, the exit status is 130, and the message names the backends a second run needs."""
+    def ctrl_c(q, k, v, attn_mask=None, scale=None):
+        raise KeyboardInterrupt
+
+    register_backend("ctrl-c", ctrl_c)
+    result = cli("compare", *TINY, "--backends", "sdpa,ctrl-c,sdpa-flash", "--json", "-o", tmp_path, code=130)
+    data = json.loads(result.stdout)
+    assert [r["backend"] for r in data["rows"]] == ["sdpa-math", "sdpa"] and data["rows"][1]["verdict"] == "pass"
+    assert data["interrupted"] == {"backends_done": 1, "backends_planned": 3, "left": ["ctrl-c", "sdpa-flash"]}
+    assert not data["passed"] and json.loads(open(data["json"]).read())["rows"] == data["rows"]
+    assert Image.open(data["grid"]).size[0] == 2 * 256
+    assert (f"interrupted: 1 of 3 backends compared, kept in {data['json']} and {data['grid']}; to finish, run the "
+            "same command with --backends ctrl-c,sdpa-flash") in " ".join(result.stderr.split())
+
+
 def test_tables_and_never_overwrite(cli, tmp_path):
     first = cli("compare", *TINY, "--backends", "sdpa", "-o", tmp_path)
     assert "pass" in first.stdout and "against sdpa-math" in first.stdout

@@ -152,6 +152,28 @@ def test_probe_runs_usable_backends_against_fp32(cli):
     assert all(set(r["serves"]) == {"VAE 512²"} for r in data["verdicts"]["backends"] if r["serves"])
 
 
+def test_interrupted_probe_keeps_the_shapes_it_measured_and_says_how_to_go_on(cli, register_backend):
+    """Ctrl-C (or a time limit's SIGINT) at the probe's second shape: the first shape's rows are printed (JSON too),
+    the exit status is 130, and the message says which --family runs finish the job."""
+    from conftest import sdpa
+    from sdcli.doctor import FAMILY_OPTIONS, REFERENCE_SHAPES, reference_shapes
+
+    def ctrl_c_at_80(q, k, v, attn_mask=None, scale=None):
+        if q.shape[-1] == 80:
+            raise KeyboardInterrupt
+        return sdpa(q, k, v, attn_mask, scale)
+
+    register_backend("ctrl-c", ctrl_c_at_80)
+    result = cli("doctor", "--probe", "--family", "sd1", "--json", code=130)
+    data = json.loads(result.stdout)
+    assert {r["shape"] for r in data["probe"]} == {"8×40 q1024·kv1024 fp32"}
+    assert data["probe_interrupted"] == {"shapes_done": 1, "shapes_planned": 3, "families_left": ["sd1"]}
+    assert ("interrupted: the probe measured 1 of 3 shapes (kept in the output above); to finish, run sdcli doctor "
+            "--probe --family sd1") in " ".join(result.stderr.split())
+    for family in REFERENCE_SHAPES:  # each suggested --family picks that family alone
+        assert list(reference_shapes(FAMILY_OPTIONS[family].strip("'"))) == [family]
+
+
 def test_plugin_backend_from_entry_point_and_broken_plugin(tmp_path):
     """A package that declares an `sdcli.backends` entry point shows up in doctor; a broken one is reported."""
     env = make_plugin(tmp_path, "mykernel", """

@@ -101,6 +101,14 @@ def test_settings_a_family_cant_take_are_one_line(cli, tmp_path, args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_fused_projections_are_refused_for_sd3_whose_fused_processor_skips_the_norms(cli, tmp_path, command):
+    result = cli(command, *(["a cat"] if command == "generate" else []), "-m", "tiny-sd3", "--fuse-qkv",
+                 "-o", tmp_path, code=2)
+    assert "--fuse-qkv does not fit SD 3/3.5: diffusers' FusedJointAttnProcessor2_0 skips the q/k norms" in \
+        result.output and not list(tmp_path.glob("*.png"))
+
+
 def test_unknown_pipeline_is_refused_before_any_weights_load(cli, tmp_path):
     folder = tmp_path / "wan"
     (folder / "transformer").mkdir(parents=True)

@@ -59,7 +59,12 @@ def test_the_gpu_machine_with_what_pypi_serves(cli, tmp_path):
     sage1 = v["sage1"]["serves"]
     assert sage1["SD 1.x 512²"]["ok"] == 0 and "head dim 40 not in 64/96/128" in sage1["SD 1.x 512²"]["refused"]
     assert sage1["SDXL 1024²"]["ok"] == 2 and sage1["SDXL 1024²"]["refused"][0].startswith("77 keys, not a multiple of 64")
-    assert v["flex-compiled"]["serves"]["VAE 512²"]["ok"] == 1
+    flex = v["flex-compiled"]["serves"]  # not the VAE's 512-wide head: more shared memory than an H100 has
+    assert flex["SD 1.x 512²"]["ok"] == 5 and flex["VAE 512²"]["ok"] == 0
+    assert flex["VAE 512²"]["refused"][0].startswith("head dim 512 > 256: compiled flex_attention's kernel needs")
+    machine = __import__("sdcli").hardware.Machine(json.loads((REPORTS / "h100-cu13.json").read_text()))
+    narrow = __import__("sdcli").backends.get("flex-compiled").verdict(machine, __import__("sdcli").backends.Shape(8, 8, 64, 64))
+    assert narrow.reason == "head dim 8 < 16: compiled flex_attention fails below 16 on CUDA"
     xf = v["xformers"]
     assert xf["status"] == "broken install" and "libcudart.so.12" in xf["reason"] and "2.10.0+cu128" in xf["reason"]
     assert "pip install nvidia-cuda-runtime-cu12" in xf["fix"] and "LD_LIBRARY_PATH" in xf["fix"]
@@ -89,6 +94,33 @@ def test_flash_attention_4_by_gpu_generation(cli, tmp_path, gpu, cc, fa4_sd1, sd
         assert v["sdpa-fa4"]["status"] == "unsupported on this GPU" and sdpa_fa4 in v["sdpa-fa4"]["reason"]
 
 
+@pytest.mark.parametrize("torch_v, does", [
+    ("2.13.0", None),  # the bridge takes two results where flash-attn-4 returns five: every call raises
+    ("2.14.1", "runs torch's own FlashAttention-2 instead (FA4 would not run)"),
+    ("2.15.0", "raises"),
+])
+def test_sdpa_fa4_follows_the_torch_version(tmp_path, torch_v, does):
+    """torch 2.14 and later take flash-attn-4's results; what FA4 can't take (fp32, a GPU other than SM 9.x/10.x)
+    2.14's bridge silently hands to FlashAttention-2 and 2.15's raises on: refused either way, saying which."""
+    from sdcli import backends, hardware
+
+    fa4 = backends.get("sdpa-fa4")
+
+    def verdict(gpu, cc, dtype):
+        path = derived_report(tmp_path, "h100-cu13", gpu, cc, torch=torch_v)
+        return fa4.verdict(hardware.Machine(json.loads(path.read_text())), backends.Shape(8, 64, 1024, 1024, dtype))
+
+    h100_fp16, h100_fp32 = verdict("NVIDIA H100 80GB HBM3", "9.0", "fp16"), verdict("NVIDIA H100 80GB HBM3", "9.0", "fp32")
+    a100 = verdict("NVIDIA A100-SXM4-80GB", "8.0", "fp16")
+    if does is None:
+        assert {h100_fp16.status, h100_fp32.status, a100.status} == {"wrong version"}
+        return
+    assert h100_fp16.usable and verdict("NVIDIA B200", "10.0", "bf16").usable
+    assert h100_fp32.status == "unsupported shape" and h100_fp32.reason == f"takes fp16/bf16 only: in fp32 torch {torch_v}'s FA4 bridge {does}"
+    assert a100.status == "unsupported on this GPU"
+    assert a100.reason == f"runs only on SM9x/SM10x: on NVIDIA A100-SXM4-80GB (SM80) torch {torch_v}'s FA4 bridge {does}"
+
+
 def test_older_machines_name_the_version_that_is_missing(cli):
     h100 = verdicts(cli, REPORTS / "h100.json")  # torch 2.7.1, SageAttention 2.2 built from source
     assert h100["sdpa-fa4"]["status"] == "wrong version" and "torch 2.7.1+cu128 can't swap FA4" in h100["sdpa-fa4"]["reason"]
@@ -109,7 +141,8 @@ def test_auto_measures_exact_ones_and_quantized_only_when_asked():
 
     shape = backends.Shape(10, 64, 4096, 4096, "bf16")
     exact = candidates(shape, quantized=False)
-    assert {"flash-attn-4", "flex-compiled"} <= exact and not {"sage1", "sdpa-fa4"} & exact  # sdpa-fa4: its bridge
+    assert "flash-attn-4" in exact and not {"sage1", "sdpa-fa4"} & exact  # sdpa-fa4: its bridge
+    assert "flex-compiled" not in exact  # a compile per shape: tried only when named
     assert "sage1" in candidates(shape, quantized=True)
     assert "sage1" not in candidates(backends.Shape(10, 64, 4096, 77, "bf16"), quantized=True)
 
@@ -155,6 +188,118 @@ def test_broken_installs_are_verdicts_with_their_error(tmp_path):
     xf = data["report"]["packages"]["xformers"]
     assert xf["ops_ok"] is False and xf["built_for_torch"] == "2.10.0+cu128" and xf["built_for_cuda"] == "12.8"
     assert rows["xformers"]["status"] == "broken install" and "nvidia-cuda-runtime-cu12" in rows["xformers"]["fix"]
+
+
+# flash-attn-4 4.0.0b36 as its wheel lays it out: flash_attn/ without __init__.py, a version looked up under the
+# wrong distribution name, and a disk cache read from the environment once, at import
+FA4_FILES = {
+    "flash_attn/cute/__init__.py": """
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            __version__ = version("fa4")
+        except PackageNotFoundError:
+            __version__ = "0.0.0"
+        from . import cache_utils
+    """,
+    "flash_attn/cute/cache_utils.py": """
+        import os
+        CUTE_DSL_CACHE_ENABLED = os.getenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0") == "1"
+    """,
+}
+# xformers 0.0.35: xformers/ops/fmha/flash.py imports flash-attn 2's interface whenever a `flash_attn` is findable
+XFORMERS_FILES = {
+    "xformers/__init__.py": "_has_cpp_library = True\n",
+    "xformers/ops/__init__.py": """
+        import importlib.util
+        if importlib.util.find_spec("flash_attn"):
+            import flash_attn
+            import flash_attn.flash_attn_interface
+    """,
+    "xformers/cpp_lib.json": '{"version": {"cuda": 1208, "torch": "2.10.0+cu128"}}',
+}
+
+
+def test_doctor_with_flash_attn_4_and_xformers_names_the_real_reason(tmp_path):
+    """Both installed, as on a GPU machine with everything from PyPI: `import xformers.ops` fails on flash-attn-4's
+    bare flash_attn/ folder, diffusers turns xformers off and calls it too old. doctor names the import error and
+    its cause instead of "pip install -U xformers". FlashAttention-4's disk cache is on (it recompiles in every
+    process otherwise), and its version comes from its distribution, not from the module's "0.0.0"."""
+    fake_package(tmp_path, "flash-attn-4", "4.0.0b36", FA4_FILES)
+    fake_package(tmp_path, "xformers", "0.0.35", XFORMERS_FILES, requires=["torch>=2.10"])
+    result = run_sdcli("doctor", "--json", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    xf = {r["backend"]: r for r in data["verdicts"]["backends"]}["xformers"]
+    assert xf["status"] == "broken install", xf
+    assert "import xformers.ops fails: ModuleNotFoundError: No module named 'flash_attn.flash_attn_interface'" in xf["reason"]
+    assert "flash-attn-4's flash_attn/ folder" in xf["reason"] and "environment of its own" in xf["fix"]
+    assert "too old" not in xf["reason"] and "-U" not in xf["fix"]
+    assert "too old" in data["report"]["diffusers_backends"]["xformers"]  # what diffusers itself says
+    fa4 = data["report"]["packages"]["flash_attn_4"]
+    assert fa4["version"] == "4.0.0b36" and fa4["disk_cache"] is True
+    off = run_sdcli("doctor", "--json", env={"PYTHONPATH": str(tmp_path), "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "0"})
+    assert json.loads(off.stdout)["report"]["packages"]["flash_attn_4"]["disk_cache"] is False  # the user's choice
+
+
+def test_flash_attn_4_version_is_never_its_modules_placeholder(tmp_path, monkeypatch):
+    """flash_attn.cute.__version__ always reads "0.0.0": without the distribution's metadata the version is unknown,
+    not a "0.0.0" that the version check would call too old."""
+    import sys
+
+    from sdcli import backends, hardware
+
+    for rel, text in FA4_FILES.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        info = hardware.package_info(["flash-attn-4"], "flash_attn.cute")
+    finally:
+        for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
+            del sys.modules[name]
+    assert info["import_ok"] is True and info["version"] is None
+    machine = hardware.Machine({"packages": {"flash_attn_4": info}})
+    assert backends.fa4_installed(machine, None) is None
+
+
+def test_gpus_are_matched_by_uuid_not_by_index(monkeypatch):
+    """NVML counts every GPU in bus order; CUDA only the visible ones, fastest first. With an A100 and an H100 and
+    CUDA_VISIBLE_DEVICES=1, cuda:0 is the H100: the report's GPU 0 must be it, with NVML's facts, not NVML's GPU 0.
+    NVML and the CUDA device are faked: the GPU boundary."""
+    import sys
+    import types
+
+    import torch
+
+    from sdcli import hardware
+
+    nvml = [("NVIDIA A100-SXM4-80GB", (8, 0), "GPU-aaaaaaaa-0000-0000-0000-000000000001"),
+            ("NVIDIA H100 80GB HBM3", (9, 0), "GPU-bbbbbbbb-0000-0000-0000-000000000002")]
+    fake = types.ModuleType("pynvml")
+    fake.nvmlInit = fake.nvmlShutdown = lambda: None
+    fake.nvmlSystemGetDriverVersion = lambda: "580.65.06"
+    fake.nvmlSystemGetCudaDriverVersion_v2 = lambda: 13000
+    fake.nvmlDeviceGetCount = lambda: len(nvml)
+    fake.nvmlDeviceGetHandleByIndex = lambda i: i
+    fake.nvmlDeviceGetName = lambda h: nvml[h][0]
+    fake.nvmlDeviceGetCudaComputeCapability = lambda h: nvml[h][1]
+    fake.nvmlDeviceGetUUID = lambda h: nvml[h][2]
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80 * 2**30, free=(70 + h) * 2**30)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    h100 = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30,
+                                 multi_processor_count=132, uuid="bbbbbbbb-0000-0000-0000-000000000002")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: h100)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (71 * 2**30, 80 * 2**30))
+    report = hardware.probe(measure=False)
+    [gpu] = report["gpus"]
+    assert (gpu["index"], gpu["nvml_index"], gpu["name"], gpu["compute_capability"]) == (0, 1, "NVIDIA H100 80GB HBM3", "9.0")
+    assert gpu["multiprocessors"] == 132 and gpu["memory_free_gb"] == 71
+    assert hardware.Machine(report, "cuda:0").gpu_label == "NVIDIA H100 80GB HBM3 (SM90)"
 
 
 def test_extras_admit_the_versions_sdcli_was_written_for():
@@ -206,32 +351,46 @@ def test_sdpa_fa4_activates_fa4_for_the_call_and_restores(monkeypatch):
     assert torch.allclose(out, sdpa(q, k, v), atol=1e-6)
 
 
-def test_flex_compiled_compiles_each_shape_once_and_exactly():
-    """Every shape gets its own compiled function: with one compile allowed per function (and a hard error past
-    it), two shapes still compile, and their results are exact."""
+def test_flex_compiled_compiles_each_shape_once_whatever_the_batch_and_exactly():
+    """Every shape gets its own compiled function, and one compile serves every batch size (auto and bench judge at
+    batch 1 and time at the run's batch): with one compile allowed per function (and a hard error past it), two
+    shapes at batch 1, 2 and 3 compile twice in all, and their results are exact."""
     import torch
+    from torch._dynamo.utils import counters
 
     from sdcli import backends, kernels
 
     flex = backends.get("flex-compiled")
+    before = len(kernels._compiled_flex)
+    frames = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-        for n in (32, 48, 32):
-            q, k, v = (torch.randn(1, n, 2, 16) for _ in range(3))
+        for batch, n in ((1, 32), (2, 32), (1, 48), (3, 32), (2, 48)):
+            q, k, v = (torch.randn(batch, n, 2, 16) for _ in range(3))
             assert torch.allclose(flex.run(q, k, v), sdpa(q, k, v), atol=1e-5)
-    assert sum(key[0][2] in (32, 48) and key[0][3] == 16 for key in kernels._compiled_flex) == 2
+    assert len(kernels._compiled_flex) - before == 2
+    assert counters["stats"]["unique_graphs"] - frames == 2  # one graph per shape: no graph break, no recompile
 
 
 # ----- on a GPU -------------------------------------------------------------------------------------------
 
 
+_USABLE: set = set()
+
+
 def usable_here(cli):
-    rows = cli.json("doctor", "--dtype", "fp16")["verdicts"]["backends"]
-    return {r["backend"] for r in rows if r["status"] == "usable"}
+    """The backends doctor calls usable here in fp16 (probed once per test session: the GPU tests stay short)."""
+    if not _USABLE:
+        rows = cli.json("doctor", "--dtype", "fp16")["verdicts"]["backends"]
+        _USABLE.update(r["backend"] for r in rows if r["status"] == "usable")
+    return _USABLE
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(NEW))
-def test_gpu_new_backend_within_its_bound_at_every_sd_shape_it_takes(cli, name):
+def test_gpu_new_backend_within_its_bound_at_sd1_shapes_it_takes(cli, name):
+    """Judged at batch 1, timed at batch 2 (flex-compiled: one compile per shape for both). SD 1.x and the VAE
+    only (SDXL's for a backend that takes none of theirs: sage1), so that `pytest -m gpu` stays under a minute;
+    `doctor --probe` covers every family."""
     from sdcli import backends, doctor, hardware, timing
 
     if name not in usable_here(cli):
@@ -239,7 +398,10 @@ def test_gpu_new_backend_within_its_bound_at_every_sd_shape_it_takes(cli, name):
     machine = hardware.Machine(hardware.probe(measure=False))
     backend = backends.get(name)
     ran = []
-    for family, shapes in doctor.REFERENCE_SHAPES.items():
+    for family, shapes in {**doctor.reference_shapes("sd1"), **doctor.reference_shapes("vae"),
+                           **doctor.reference_shapes("sdxl")}.items():
+        if ran and family.startswith("SDXL"):
+            break
         for heads, head_dim, q_len, kv_len in shapes:
             shape = backends.Shape(heads, head_dim, q_len, kv_len, "fp16")
             if backend.verdict(machine, shape).usable:
@@ -247,6 +409,24 @@ def test_gpu_new_backend_within_its_bound_at_every_sd_shape_it_takes(cli, name):
                 assert row["ok"], (family, row)
                 ran.append(row)
     assert ran
+
+
+@pytest.mark.gpu
+def test_gpu_flex_compiled_compiles_once_for_every_batch():
+    """Batch 1 (judging), 2 and 4 (timing, generating) at one shape: one graph, no recompile (the batch is unbacked:
+    seen on the CPU, a lead on CUDA's Triton kernel)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from sdcli import backends
+
+    flex = backends.get("flex-compiled")
+    frames = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for batch in (1, 2, 4):
+            q, k, v = (torch.randn(batch, 256, 8, 40, device="cuda", dtype=torch.float16) for _ in range(3))
+            assert torch.allclose(flex.run(q, k, v), sdpa(q, k, v), atol=2e-3)
+    assert counters["stats"]["unique_graphs"] - frames == 1
 
 
 @pytest.mark.gpu

@@ -107,7 +107,7 @@ def test_compare_and_bench_take_loras(cli, tmp_path, loras):
     assert [r["verdict"] for r in result["rows"]] == ["reference", "pass"]
     bench = cli.json("bench", "-m", "tiny", "--steps", "1", "--batch-sizes", "1", "--repeats", "1", "--no-find-max",
                      "--no-micro", "--backends", "sdpa", "--lora", loras["style"], "-o", tmp_path / "bench")
-    assert [c["name"] for c in bench["configs"]] == ["diffusers", "sdpa", "auto"]
+    assert [c["name"] for c in bench["configs"]] == ["diffusers", "auto", "sdpa"]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -1,7 +1,5 @@
-"""The routed processor is diffusers' AttnProcessor2_0 step for step: for every branch of diffusers' `Attention`,
-routed through `sdpa` in fp32 it gives the very same numbers, and the routed call is the one that ran."""
-
-from types import SimpleNamespace
+"""Routing leaves diffusers' processors alone: for every branch of diffusers' `Attention`, routed through `sdpa` in
+fp32 it gives the very same numbers as stock AttnProcessor2_0, and the routed call is the one that ran."""
 
 import pytest
 import torch
@@ -27,10 +25,13 @@ def routed_and_stock(attn: Attention, stock=None, **call):
     with torch.no_grad():
         expected = attn(**call)
     router = routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa")
-    routing.route(SimpleNamespace(unet=attn), router)
-    assert isinstance(attn.processor, routing.RoutedAttnProcessor)
-    with torch.no_grad():
-        got = attn(**call)
+    routing.route(attn, router)
+    assert type(attn.processor) is type(stock or AttnProcessor2_0())  # the processor stays diffusers' own
+    try:
+        with torch.no_grad():
+            got = attn(**call)
+    finally:
+        routing.unroute(attn)
     assert router.served() == {"sdpa": 1}
     return got, expected
 
@@ -80,7 +81,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_routed_processor_equals_attn_processor_2_0(case):
+def test_routed_attention_equals_attn_processor_2_0(case):
     config, call = CASES[case]
     got, expected = routed_and_stock(Attention(**config), **call())
     assert got.shape == expected.shape and torch.equal(got, expected)
@@ -88,7 +89,7 @@ def test_routed_processor_equals_attn_processor_2_0(case):
 
 @pytest.mark.parametrize("case", ["self", "cross"])
 def test_fused_projections_are_the_ones_used(case):
-    """After diffusers' fuse_projections the routed processor equals FusedAttnProcessor2_0. The fused weights are
+    """After diffusers' fuse_projections the routed module equals FusedAttnProcessor2_0. The fused weights are
     then changed, so only a processor that really uses to_qkv / to_kv can still match."""
     config, call = CASES[case]
     attn = Attention(**config)
@@ -100,13 +101,24 @@ def test_fused_projections_are_the_ones_used(case):
     assert torch.equal(got, expected)
 
 
-def test_a_legacy_processor_with_its_own_scale_is_not_rerouted():
-    """diffusers' old AttnProcessor honours attn.scale (scale_qk=False: 1.0); AttnProcessor2_0, which sdcli's
-    processor follows, ignores it. Routing such a module would change its numbers, so sdcli refuses to."""
+def test_a_legacy_processor_with_its_own_scale_keeps_it_and_is_reported_not_routed():
+    """diffusers' old AttnProcessor honours attn.scale (scale_qk=False: 1.0) with its own matmuls, no SDPA call. Routed,
+    it still computes exactly that, and the layer says it was not routed (no call counted)."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    attn = Attention(query_dim=DIM, heads=2, dim_head=16, scale_qk=False)
+    config, call = CASES["self"]
+    attn = Attention(**{**config, "scale_qk": False})
     assert isinstance(attn.processor, AttnProcessor)
+    hidden = call()["hidden_states"]
+    with torch.no_grad():
+        expected = attn(hidden)
     router = routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa")
-    with pytest.raises(routing.RoutingError, match=r"scale 1 \(scale_qk=False\)"):
-        routing.route(SimpleNamespace(unet=attn), router)
+    routing.route(attn, router)
+    try:
+        with torch.no_grad():
+            got = attn(hidden)
+    finally:
+        routing.unroute(attn)
+    assert torch.equal(got, expected) and router.served() == {}
+    [layer] = router.to_json()["not_routed"]
+    assert layer["processors"] == ["AttnProcessor"] and "AttnProcessor computes attention itself" in str(layer["why"])

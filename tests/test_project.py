@@ -24,3 +24,21 @@ def test_every_builtin_model_belongs_to_the_family_that_builds_it():
     for name, spec in models.ARCHITECTURES.items():
         assert spec["pipeline"] in owner[name].pipelines
     assert "StableDiffusionPipeline" in owner["tiny"].pipelines
+
+
+def test_gpu_evidence_script_parses_and_picks_the_fastest_compared_backends(tmp_path):
+    """The one GPU call can't be debugged there: the script at least parses, and the bench step gets the three
+    fastest exact backends that passed the compare (never the slow-by-design ones, nor a failure)."""
+    import json
+    import subprocess
+    import sys
+
+    assert subprocess.run(["bash", "-n", ROOT / "scripts" / "gpu-evidence.sh"]).returncode == 0
+    rows = [("sdpa-math", "reference", "exact", 0.9), ("sdpa", "pass", "exact", 0.5), ("flex", "pass", "exact", 0.1),
+            ("xformers", "pass", "exact", 0.3), ("sdpa-flash", "pass", "exact", 0.4), ("sage1", "pass", "quantized", 0.2),
+            ("sdpa-cudnn", "FAIL", "exact", 0.2), ("sdpa-efficient", "pass", "exact", 0.45)]
+    compared = tmp_path / "compare.json"
+    compared.write_text(json.dumps({"rows": [{"backend": b, "verdict": v, "kind": k, "seconds": t} for b, v, k, t in rows]}))
+    picked = subprocess.run([sys.executable, ROOT / "scripts" / "gpu_evidence.py", "fastest", compared, "3"],
+                            capture_output=True, text=True, check=True)
+    assert picked.stdout.strip() == "xformers,sdpa-flash,sdpa-efficient"
