@@ -4,9 +4,11 @@ Python raises KeyboardInterrupt only between bytecodes, so a single long kernel 
 CPU) holds Ctrl-C for as long as it runs: minutes. `install()` (the `sdcli` command does it; the Python API
 leaves the caller's signals alone) lets a watcher thread hear SIGINT the moment it arrives, through
 `signal.set_wakeup_fd`. When the main thread takes the interrupt within GRACE seconds, the command stops as it
-always did and says what it kept. When it doesn't, it is inside such an operation: the watcher runs the
-command's last word (`on_force`: save what is measured, say what was kept and how to go on) and ends the process
-with status 130. Images are written whole or not at all, so nothing half-written is left.
+always did and says what it kept. When it doesn't, it is inside such an operation. A command that registered
+its last word (`on_force`: generate, whose images are on disk already; bench, which saves its rows from here)
+gets it said, and the process ends with status 130. Any other command (compare, doctor --probe) saves what it
+finished when the operation ends, so the watcher says so at once, and a second Ctrl-C quits without waiting.
+Images are written whole or not at all, so nothing half-written is left.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import signal
 import sys
 import threading
 
-GRACE = 3.0  # seconds the main thread gets to take a Ctrl-C before the watcher ends the process
+GRACE = 3.0  # seconds the main thread gets to take a Ctrl-C before the watcher steps in
 
 _taken = threading.Event()
 _last_words = None  # () -> text: what the running command kept, and how to go on
@@ -24,7 +26,8 @@ _last_words = None  # () -> text: what the running command kept, and how to go o
 
 def on_force(last_words) -> None:
     """What to do and say if a Ctrl-C has to end the process without the main thread: `last_words()` returns the
-    text (and may save what the command has). None: just "interrupted"."""
+    text (and may save what the command has). None: the command saves what it finished once the operation ends,
+    so a Ctrl-C waits for that (saying so) unless pressed again."""
     global _last_words
     _last_words = last_words
 
@@ -47,6 +50,7 @@ def _take(signum, frame):
 
 
 def _watch(fd: int) -> None:
+    waiting = False  # a Ctrl-C is waiting for a long operation to end
     while True:
         try:
             data = os.read(fd, 64)
@@ -54,14 +58,28 @@ def _watch(fd: int) -> None:
             return
         if signal.SIGINT not in data:
             continue
+        if waiting:  # Ctrl-C again: the user won't wait
+            _quit("stopped without waiting for it, as asked (a second Ctrl-C); what was not saved yet is lost")
         if _taken.wait(GRACE):
             _taken.clear()  # the main thread has it: the command stops and says what it kept
             continue
+        if _last_words is None:  # this command saves what it finished only once the operation ends: let it
+            waiting = True
+            _say("interrupted inside a long torch operation, which can't stop half-way: what was finished is saved "
+                 "when it ends; Ctrl-C again quits now without saving")
+            continue
         try:
-            said = _last_words() if _last_words else None
+            said = _last_words()
         except Exception as exc:  # the last word must not keep the process alive
             said = f"({type(exc).__name__} while saving: {exc})"
-        sys.stderr.write(f"interrupted inside a long torch operation, which can't stop half-way: stopped without "
-                         f"waiting for it{'; ' + said if said else ''}\n")
-        sys.stderr.flush()
-        os._exit(130)
+        _quit(f"stopped without waiting for it{'; ' + said if said else ''}")
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _quit(why: str) -> None:
+    _say(f"interrupted inside a long torch operation, which can't stop half-way: {why}")
+    os._exit(130)

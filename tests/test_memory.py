@@ -2,6 +2,7 @@
 answers at once even inside one long torch operation."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -97,23 +98,45 @@ LONG_KERNEL = """
 """
 
 
-def test_ctrl_c_answers_at_once_inside_one_long_torch_call(tmp_path):
-    """The real process boundary and a real SIGINT: the main thread is inside one torch call that would run for
-    minutes; the process still stops within seconds, with 130 and what it kept."""
+def start_inside_long_call(tmp_path, *command):
+    """`sdcli *command` in a process of its own whose `long` kernel is one torch call of minutes; returns the
+    process once it is inside that call."""
     marker = tmp_path / "marker"
     env = make_plugin(tmp_path, "longkernel", LONG_KERNEL.format(marker=marker), {"long": "backend"})
-    proc = subprocess.Popen([sys.executable, "-m", "sdcli", "generate", "a cat", "-m", "tiny", "--steps", "1",
-                             "--seed", "3", "--backend", "long", "-o", str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, **env})
+    proc = subprocess.Popen([sys.executable, "-m", "sdcli", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **env})
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert marker.exists(), proc.communicate()[1]
     time.sleep(0.5)  # inside matrix_power by now
+    return proc
+
+
+def test_ctrl_c_answers_at_once_inside_one_long_torch_call(tmp_path):
+    """The real process boundary and a real SIGINT: the main thread is inside one torch call that would run for
+    minutes; the process still stops within seconds, with 130 and what it kept."""
+    proc = start_inside_long_call(tmp_path, "generate", "a cat", "-m", "tiny", "--steps", "1", "--seed", "3",
+                                  "--backend", "long", "-o", str(tmp_path / "out"))
     sent = time.time()
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert time.time() - sent < 15, f"{time.time() - sent:.0f} s after Ctrl-C"
     assert "stopped without waiting for it; no image was finished" in stderr and "Traceback" not in stderr
+
+
+def test_ctrl_c_in_a_command_that_saves_when_the_call_ends_says_so_and_a_second_one_quits(tmp_path):
+    """compare keeps what it finished once the operation ends: the first Ctrl-C says so within seconds, and a
+    second one quits at once."""
+    proc = start_inside_long_call(tmp_path, "compare", "-m", "tiny", "--steps", "1", "--backends", "long",
+                                  "-o", str(tmp_path / "out"))
+    proc.send_signal(signal.SIGINT)
+    time.sleep(5)  # past the 3 s the main thread gets
+    assert proc.poll() is None  # still waiting for the call, as said
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - sent < 15, stderr
+    assert "what was finished is saved when it ends; Ctrl-C again quits now without saving" in stderr
+    assert "stopped without waiting for it, as asked (a second Ctrl-C)" in stderr and "Traceback" not in stderr
