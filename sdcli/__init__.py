@@ -1,6 +1,6 @@
 """sdcli: Stable Diffusion with the fastest attention kernel that is correct on this GPU.
 
-The public API (see api.py and the README): `route`, `unroute`, `compile`, `doctor`, `compare` and `Plan`.
+The public API (see api.py and the README): `load`, `route`, `unroute`, `compile`, `doctor`, `compare` and `Plan`.
 Importing the package is cheap on purpose: they load on first use, and torch and diffusers only inside them.
 """
 
@@ -10,6 +10,11 @@ __version__ = "0.1.0"
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+def plural(n: int, word: str) -> str:
+    """`1 call`, `2 calls`."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def error_line(exc: BaseException) -> str:
@@ -44,7 +49,7 @@ class SdcliError(Exception):
     exit_code = 2
 
 
-API = ("route", "unroute", "compile", "doctor", "compare", "Plan")
+API = ("load", "route", "unroute", "compile", "doctor", "compare", "Plan")
 MODULE_AND_FUNCTION = ("doctor", "compare")  # modules whose package attribute is callable as the API function
 
 

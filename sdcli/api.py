@@ -1,6 +1,7 @@
 """sdcli's Python API, for a script, notebook or service that already has a diffusers pipeline.
 
     import sdcli
+    pipe = sdcli.load("tiny")                  # or any diffusers pipeline of SD 1.x-3.5 or Flux.1
     plan = sdcli.route(pipe, backend="auto")   # attention routed per layer, every call counted
     image = pipe("a lighthouse").images[0]
     print(plan.served())                       # what actually ran, per backend and per layer
@@ -19,7 +20,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from sdcli import SdcliError
+from sdcli import SdcliError, plural
 
 AUTO = "auto"
 
@@ -58,8 +59,8 @@ class Plan:
         return self.router.to_json()
 
     def __repr__(self) -> str:
-        served = ", ".join(f"{b} {n} calls" for b, n in self.router.served().items()) or "no calls yet"
-        return f"<sdcli.Plan {self.router.requested}: {len(self.layers)} layers; {served}>"
+        served = ", ".join(f"{b} {plural(n, 'call')}" for b, n in self.router.served().items()) or "no calls yet"
+        return f"<sdcli.Plan {self.router.requested}: {plural(len(self.layers), 'layer')}; {served}>"
 
 
 def device_of(pipe) -> str:
@@ -82,6 +83,24 @@ def machine_report(device: str) -> dict:
     return hardware.probe(only_gpu=index)
 
 
+def load(model: str, device: str | None = None, dtype: str | None = None, loras: list[str] | None = None):
+    """A diffusers pipeline for `model`, as `--model` takes it: a built-in (e.g. "tiny", offline), a Hub id (from
+    the Hub cache), a diffusers folder, or a .safetensors/.ckpt checkpoint. `device`: cpu, cuda or cuda:N (default:
+    a GPU if torch can use one); `dtype`: fp16, bf16 or fp32 (default: as `sdcli generate` picks); `loras`:
+    "FILE[:SCALE]" each, loaded through diffusers (PEFT). Nothing is routed yet: that is `route`."""
+    from sdcli import hardware, lora, models, numerics, pipeline, validate
+
+    validate.device(device)
+    if dtype is not None and dtype not in numerics.DTYPES:
+        raise SdcliError(f"dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
+    models.recognise(model)  # an unsupported model fails before its weights load
+    report = hardware.probe(measure=dtype is None)  # the default dtype is the one measured to work
+    device = pipeline.choose_device(report, device)
+    pipe, _ = models.load(model, dtype or hardware.default_dtype(hardware.Machine(report, device)), device)
+    lora.load(pipe, lora.parse_all(loras))
+    return pipe
+
+
 def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = False, device: str | None = None,
           tune: bool = True) -> Plan:
     """Route every attention call of every model in `pipe` (any diffusers pipeline, or one model: the denoiser, the
@@ -95,7 +114,7 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
     the first call at each new attention shape times every eligible backend at that shape (as `sdcli generate`
     does for its plan) and keeps the fastest within its accuracy bound, remembered for the process; `tune=False`
     takes the documented order instead. `device`: where to judge backends for (default: the pipeline's)."""
-    from sdcli import routing, tuning
+    from sdcli import backends, hardware, routing, tuning
 
     device = device or device_of(pipe)
     measure = (lambda shape, machine: tuning.fastest(shape, machine, quantized)) if backend == AUTO and tune else None
@@ -104,7 +123,17 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
                                             measure=measure)
     except KeyError as exc:
         raise SdcliError(exc.args[0]) from None
-    return Plan(pipe, routing.route(pipe, router))
+    if backend != AUTO:
+        verdict = backends.get(backend).verdict(hardware.Machine(machine_report(device), device))
+        if not verdict.usable:
+            raise SdcliError(f"backend {backend!r} can't run here ({verdict.status}): {verdict.reason}"
+                             + (f"; fix: {verdict.fix}" if verdict.fix else "") + ' (sdcli.doctor() lists what can; '
+                             'backend="auto" picks among them)')
+    try:
+        return Plan(pipe, routing.route(pipe, router))
+    except routing.RoutingError as exc:  # routing's words are the CLI's; the API has parameters, not options
+        text = str(exc).replace("Use --backend auto, or add --fallback", 'Use backend="auto", or fallback=True')
+        raise SdcliError(text) from None
 
 
 def unroute(pipe) -> None:

@@ -30,6 +30,7 @@ NOT_INSTALLED = "not installed"
 WRONG_VERSION = "wrong version"
 BROKEN = "broken install"
 UNSUPPORTED_GPU = "unsupported on this GPU"
+NEEDS_GPU = "needs a GPU"  # the run is on the CPU
 
 
 
@@ -176,7 +177,7 @@ def xformers_ops(m: Machine, shape: Shape | None) -> Refusal | None:
 
 def cuda(m: Machine, shape: Shape | None) -> Refusal | None:
     if not m.is_cuda:
-        return Refusal(UNSUPPORTED_GPU, "needs an NVIDIA GPU; this run is on the CPU", "run on a CUDA GPU")
+        return Refusal(NEEDS_GPU, "needs an NVIDIA GPU; this run is on the CPU", "run on a CUDA GPU")
     return None
 
 
@@ -268,7 +269,7 @@ def cuda_because(why: str) -> Check:
 
     def check(m: Machine, shape: Shape | None) -> Refusal | None:
         if not m.is_cuda:
-            return Refusal(UNSUPPORTED_GPU, f"needs an NVIDIA GPU: {why}", "use sdpa on the CPU")
+            return Refusal(NEEDS_GPU, f"needs an NVIDIA GPU: {why}", "use sdpa on the CPU")
         return None
 
     check.__name__ = "cuda_because"

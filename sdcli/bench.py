@@ -206,7 +206,7 @@ class Runner:
 
 def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
           find_max: bool = True, max_batch: int = 256, micro: bool = True, on_progress=None,
-          report: dict | None = None) -> dict:
+          report: dict | None = None, expose=None) -> dict:
     """Load the settings' model and bench it (see bench_run): what `sdcli bench` runs. The speed options come from
     `settings` (fuse_qkv, channels_last, compile, compile_vae, with compile_mode); TF32 and cuDNN's autotuner
     hold for every row alike."""
@@ -214,22 +214,27 @@ def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3,
         settings.backend = name
         settings.validate()  # unknown names fail here, before loading anything
     settings.apply_family()  # and options the model's family can't take
+    report = report or hardware.probe()
+    machine = hardware.Machine(report, pipeline.choose_device(report, settings.device))
+    for name in names or []:  # and names that can't run here at all, with doctor's fix
+        pipeline.check_runs_here(name, machine, "--backends")
     options = tuple(o for o, on in zip(OPTIONS, (settings.fuse_qkv, settings.channels_last, settings.compile,
                                                  settings.compile_vae)) if on)
     # loaded plainly: each config routes for itself and turns its own options on
     plain = replace(settings, backend="sdpa", tune=False, fuse_qkv=False, channels_last=False, compile=False,
                     compile_vae=False, compile_mode="default")
-    run = pipeline.prepare(plain, report)
+    run = pipeline.prepare(plain, report, judged=True)  # auto's plans and the kernel table judge kernels
     return bench_run(run, batch_sizes, repeats, names, options, settings.compile_mode, find_max, max_batch, micro,
-                     on_progress)
+                     on_progress, expose)
 
 
 def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
               options: tuple[str, ...] = (), compile_mode: str = "default", find_max: bool = True,
-              max_batch: int = 256, micro: bool = True, on_progress=None) -> dict:
+              max_batch: int = 256, micro: bool = True, on_progress=None, expose=None) -> dict:
     """Every configuration at every batch size on the run's pipeline, the largest batch that fits, and (with
     `micro`) every backend alone at the model's attention shapes; then the speed-ups that tell the attention
-    choice and the speed options apart (see summary)."""
+    choice and the speed options apart (see summary). `expose(sum_up)`, if given, receives a function that returns
+    the result so far, summed up as if interrupted now (for a Ctrl-C that can't wait for the main thread)."""
     import torch
 
     settings, report = run.settings, run.report
@@ -256,6 +261,23 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
                   "interleaved) after an untimed call; kernels that compile (flex-compiled: once per shape; "
                   "flash-attn-4: at first use) compile there, so compile time is in none of these numbers",
     }
+
+    def sum_up(interrupted: bool) -> dict:
+        """The result so far: each row's speed-ups and the summary (a copy, so it can be made at any time)."""
+        done = {**result, "configs": list(result["configs"])}
+        if interrupted:
+            done["interrupted"] = {"rows_done": len(done["configs"]), "rows_planned": len(configs)}
+        rows = {row["name"]: row for row in done["configs"]}
+        for row in done["configs"]:
+            for key, base in (("speedup_vs_diffusers", STOCK), ("speedup_vs_baseline", row["baseline"])):
+                baseline = rows.get(base)
+                if row["best"] and baseline and baseline["best"]:
+                    row[key] = row["best"]["images_per_s"] / baseline["best"]["images_per_s"]
+        done["summary"] = summary(done, options)
+        return done
+
+    if expose:
+        expose(lambda: sum_up(interrupted=True))
     try:
         if micro:  # first: the compiled configurations come last and would have to recompile for it
             runner.say("attention kernels at the model's shapes")
@@ -271,15 +293,8 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
             for config in configs:
                 result["configs"].append(measure_config(runner, config, batch_sizes, find_max, max_batch))
     except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: the rows measured so far are the user's
-        result["interrupted"] = {"rows_done": len(result["configs"]), "rows_planned": len(configs)}
-    rows = {row["name"]: row for row in result["configs"]}
-    for row in result["configs"]:
-        for key, base in (("speedup_vs_diffusers", STOCK), ("speedup_vs_baseline", row["baseline"])):
-            baseline = rows.get(base)
-            if row["best"] and baseline and baseline["best"]:
-                row[key] = row["best"]["images_per_s"] / baseline["best"]["images_per_s"]
-    result["summary"] = summary(result, options)
-    return result
+        return sum_up(interrupted=True)
+    return sum_up(interrupted=False)
 
 
 def guidance_label(result: dict) -> str:
@@ -361,13 +376,18 @@ def plot(result: dict, path) -> None:
 
 
 def save(result: dict, folder) -> dict:
-    """The JSON and the plot, under new names."""
+    """The JSON and the plot, under new names. No plot without a measured point (it would be empty), and nothing
+    at all when nothing was measured."""
     import json
     from pathlib import Path
 
     folder = Path(folder)
     stem = f"bench-{result['model'].replace('/', '_')}-{result['dtype']}"
-    result["plot"] = str(write_new(folder, stem, ".png", lambda p: plot(result, p)))
+    measured = any(not p["oom"] for row in result["configs"] for p in row["points"])
+    result["plot"] = str(write_new(folder, stem, ".png", lambda p: plot(result, p))) if measured else None
+    if not measured and not result.get("attention"):  # interrupted before anything was measured: nothing to keep
+        result["json"] = None
+        return result
     result["json"] = str(write_new(folder, stem, ".json",
-                                            lambda p: p.write_text(json.dumps(result, indent=2, default=str))))
+                                   lambda p: p.write_text(json.dumps(result, indent=2, default=str))))
     return result

@@ -15,7 +15,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from typer.core import TyperGroup
 
-from sdcli import SdcliError, __version__, validate, views
+from sdcli import SdcliError, __version__, families, interrupt, validate, views
 from sdcli.numerics import EXACT_TOL, QUANTIZED_TOL
 
 # flex warns on every eager call; `sdcli doctor` already labels it "slow unless compiled"
@@ -27,15 +27,31 @@ warnings.filterwarnings("ignore", message="flex_attention called without torch.c
 UsageError = typer.BadParameter.__mro__[1]
 
 
+def flags_read_as_flags(command, ctx) -> None:
+    """typer's rich help shows a flag's type, `<bool>`, as if the flag took a value: an empty metavar hides it."""
+    for param in [*getattr(command, "params", []), command and command.get_help_option(ctx)]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+
+
 class Group(TyperGroup):
     """Bad input is one line on stderr and a non-zero exit, never a traceback (SDCLI_DEBUG=1 shows it); usage
-    errors too, instead of typer's boxed usage text."""
+    errors too, instead of typer's boxed usage text. Ctrl-C outside a command's own handling is exit 130."""
 
     def make_context(self, *args, **kwargs):
         try:
             return super().make_context(*args, **kwargs)
         except UsageError as exc:
             usage_error(exc)
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        flags_read_as_flags(command, ctx)
+        return command
+
+    def format_help(self, ctx, formatter):
+        flags_read_as_flags(self, ctx)
+        return super().format_help(ctx, formatter)
 
     def invoke(self, ctx):
         try:
@@ -44,6 +60,9 @@ class Group(TyperGroup):
             usage_error(exc)
         except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits
             raise
+        except KeyboardInterrupt:  # e.g. while the model loads: nothing made yet (a command keeps what it made)
+            views.err.print("interrupted", soft_wrap=True)
+            raise typer.Exit(130) from None
         except SdcliError as exc:
             if str(exc):  # an interrupted run has said what it kept already
                 views.error(str(exc))
@@ -123,7 +142,17 @@ def doctor(
         raise typer.Exit(130)
 
 
+def use_threads(settings) -> None:
+    """--threads, and a warning when a CPU run's threads would fight other processes for the cores."""
+    from sdcli import hardware
+
+    note = hardware.use_threads(settings.threads, settings.device)
+    if note:
+        views.warning(note)
+
+
 def main() -> None:
+    interrupt.install()  # Ctrl-C answers even inside one long torch operation
     app(prog_name="sdcli")  # also under `python -m sdcli`, so completion and usage say `sdcli`
 
 
@@ -132,9 +161,11 @@ def main() -> None:
 BackendOpt = Annotated[str, typer.Option(
     "--backend", "-b", help="auto, or an attention backend (see `sdcli doctor`). A named backend that can't serve "
                             "a layer is an error unless --fallback.")]
+BUILTINS = ", ".join(name for family in families.FAMILIES for name in family.builtins)
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", help="tiny (built in, offline, images are noise), a Hub id, a diffusers folder, or a "
-                          ".safetensors/.ckpt file.")]
+    "--model", "-m", help=f"A built-in model ({BUILTINS}: offline, random weights; tiny* are small, *-arch are the "
+                          "full-size architectures, for bench), a Hub id, a diffusers folder, or a .safetensors/.ckpt "
+                          "file (its config comes from the Hub).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on SM80+ GPUs, fp16 on older ones, fp32 on CPU), fp16, "
                                             "bf16 or fp32.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
@@ -146,8 +177,16 @@ StepsOpt = Annotated[int, typer.Option(help="Denoising steps.")]
 GuidanceOpt = Annotated[Optional[float], typer.Option(
     help="Guidance scale; default: the pipeline's own. Classifier-free guidance (doubles the denoiser's batch) for SD "
          "1.x to 3.5; for Flux, the distilled guidance the model takes as an input.", callback=validate.finite)]
-WidthOpt = Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")]
-HeightOpt = Annotated[Optional[int], typer.Option(help="Multiple of 8; default: the model's native size.")]
+SIZE_STEPS = "; ".join(f"{f.name}: a multiple of {f.size_multiple}" for f in families.FAMILIES)
+WidthOpt = Annotated[Optional[int], typer.Option(help=f"Pixels ({SIZE_STEPS}); default: the model's native size.")]
+HeightOpt = Annotated[Optional[int], typer.Option(help=f"Pixels ({SIZE_STEPS}); default: the model's native size.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora", metavar="FILE[:SCALE]", help="A LoRA file, as FILE or FILE:SCALE (default scale 1), loaded through "
+                                           "diffusers (PEFT); repeat for several. The PNG recipe names each with "
+                                           "its A1111 hash.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    help="CPU threads for torch (default: torch's own, one per core). On a busy machine one thread can be many "
+         "times faster; on a CPU the thread count also changes how results round.")]
 SchedulerOpt = Annotated[str, typer.Option(
     help="default (the model's own); SD 1.x/2.x, SDXL: euler, euler-a, dpm++2m, dpm++2m-karras, ddim, pndm, unipc, "
          "heun; SD 3, Flux (flow matching): euler, euler-karras, dpm++2m, unipc.")]
@@ -192,6 +231,7 @@ def generate(
     fuse_qkv: FuseQkvOpt = False,
     tf32: Tf32Opt = True,
     cudnn_benchmark: CudnnBenchmarkOpt = False,
+    lora: LoraOpt = None,
     steps: StepsOpt = 30,
     guidance: GuidanceOpt = None,
     width: WidthOpt = None,
@@ -203,6 +243,7 @@ def generate(
     dtype: DtypeOpt = "auto",
     vae_dtype: VaeDtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where images go; never overwritten.")] = Path("outputs"),
     resume: Annotated[bool, typer.Option(
         "--resume", help="Finish an interrupted run: skip items whose image is already in --output-dir (complete, "
@@ -225,12 +266,13 @@ def generate(
         dtype=dtype, vae_dtype=vae_dtype, device=device, backend=backend, fallback=fallback, quantized=quantized,
         tune=tune, retune=retune, compile=compile_, compile_mode=compile_mode, compile_vae=compile_vae,
         channels_last=channels_last, fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark,
-        output_dir=output_dir)
+        loras=lora or [], threads=threads, output_dir=output_dir)
     if resume and seed is None:
         raise SdcliError("--resume needs the --seed of the run it finishes (without one, seeds are random and "
                          "no image on disk can match)")
     settings.validate()  # fail on bad input before the slow imports
     settings.apply_family()  # and on settings the model's family can't take (--resume compares its defaults)
+    use_threads(settings)
     ranks = distributed.detect()
     view = views.GenerateView(json_out, quiet, verbose)
     if ranks.launched or resume:
@@ -268,9 +310,11 @@ def compare(
     width: WidthOpt = None,
     height: HeightOpt = None,
     scheduler: SchedulerOpt = "default",
+    lora: LoraOpt = None,
     dtype: DtypeOpt = "auto",
     vae_dtype: VaeDtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the grid and JSON go.")] = Path("compare"),
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -284,8 +328,9 @@ def compare(
     settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, model=model, steps=steps,
                                  guidance=guidance, width=width, height=height, seed=seed, scheduler=scheduler,
                                  dtype=dtype, vae_dtype=vae_dtype, device=device, backend=reference,
-                                 output_dir=output_dir)
+                                 loras=lora or [], threads=threads, output_dir=output_dir)
     settings.validate()
+    use_threads(settings)
     spinner, on_progress = views.status("comparing", quiet)
     with spinner:
         result = cmp.compare(settings, names, reference, thresholds, on_progress)
@@ -321,6 +366,7 @@ def bench(
     fuse_qkv: FuseQkvOpt = False,
     tf32: Tf32Opt = True,
     cudnn_benchmark: CudnnBenchmarkOpt = False,
+    lora: LoraOpt = None,
     steps: StepsOpt = 50,
     guidance: GuidanceOpt = None,
     width: WidthOpt = None,
@@ -332,6 +378,7 @@ def bench(
     dtype: DtypeOpt = "auto",
     vae_dtype: VaeDtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the JSON and plot go.")] = Path("bench"),
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -349,18 +396,26 @@ def bench(
                                  guidance=guidance, width=width, height=height, seed=0, dtype=dtype,
                                  vae_dtype=vae_dtype, device=device, backend="sdpa", compile=compile_,
                                  compile_mode=compile_mode, compile_vae=compile_vae, channels_last=channels_last,
-                                 fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark, output_dir=output_dir)
+                                 fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark, loras=lora or [],
+                                 threads=threads, output_dir=output_dir)
     settings.validate()
+    use_threads(settings)
     bar, on_progress = views.bench_progress(quiet)
-    with bar:
-        result = bn.bench(settings, sizes, repeats, names, find_max, max_batch, micro, on_progress)
+
+    def keep_on_force(sum_up):  # a Ctrl-C inside one long operation: save what was measured from the watcher
+        interrupt.on_force(lambda: views.bench_kept(bn.save(sum_up(), output_dir)))
+
+    try:
+        with bar:
+            result = bn.bench(settings, sizes, repeats, names, find_max, max_batch, micro, on_progress,
+                              expose=keep_on_force)
+    finally:
+        interrupt.on_force(None)
     result = bn.save(result, output_dir)
     if json_out:
         views.emit_json(result)
     elif not quiet:
         views.print_bench(result)
     if result.get("interrupted"):
-        cut = result["interrupted"]
-        views.err.print(f"interrupted: {cut['rows_done']} of {cut['rows_planned']} configurations measured, kept in "
-                        f"{result['json']} and {result['plot']}", markup=False, soft_wrap=True)
+        views.err.print(f"interrupted: {views.bench_kept(result)}", markup=False, soft_wrap=True)
         raise typer.Exit(130)

@@ -20,8 +20,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, out_of_memory, pipeline, routing, \
-    timing
+from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, out_of_memory, pipeline, \
+    plural, routing, timing
 from sdcli.images import write_new
 from sdcli.backends import EXACT, Backend
 
@@ -187,7 +187,7 @@ def compare(settings: pipeline.Settings, names: list[str] | None = None, referen
     settings.validate()
     if on_progress:
         on_progress(f"loading {settings.model}")
-    return compare_run(pipeline.prepare(settings, report), names, reference, thresholds, on_progress)
+    return compare_run(pipeline.prepare(settings, report, judged=True), names, reference, thresholds, on_progress)
 
 
 def compare_run(run: pipeline.Run, names: list[str] | None = None, reference: str | None = None,
@@ -261,7 +261,8 @@ def check(result: dict) -> None:
     """CompareFailed if any backend broke its bound or failed."""
     broken = [r["backend"] for r in result["rows"] if r["verdict"] in (FAIL, FAILED)]
     if broken:
-        raise CompareFailed(f"{len(broken)} backend(s) broke their bound or failed: {', '.join(broken)}")
+        raise CompareFailed(f"{plural(len(broken), 'backend')} broke {'its' if len(broken) == 1 else 'their'} bound "
+                            f"or failed: {', '.join(broken)}")
 
 
 def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool,
@@ -304,7 +305,7 @@ def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Threshold
     if o.problem:
         return {**row, "verdict": FAIL, "why": o.problem}
     outside = [k for k in measured if not k["within_bound"]]
-    of = f"{len(outside)} of {len(measured)} calls outside it"
+    of = f"{len(outside)} of {plural(len(measured), 'call')} outside it"
     if o.kind == EXACT:
         dtypes = "/".join(sorted({k["shape"].split()[-1] for k in measured}))
         bound = f"≤ {t.exact_tol:g}× the rounding of the exact result to {dtypes}"

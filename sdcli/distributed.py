@@ -88,7 +88,7 @@ def finished(items: list, settings) -> dict[int, Path]:
     from sdcli.images import PIXEL_SETTINGS, pixel_settings
 
     folder = settings.output_dir
-    names = set(os.listdir(folder))
+    names = set(os.listdir(folder)) if folder.is_dir() else set()  # made at the first image
     stems = {item.stem: item for item in items}
     for name in names:  # temp files of a killed run: .<stem>.<pid>.partial.png
         if name.startswith(".") and name.endswith(".partial.png") and name[1:-12].rsplit(".", 1)[0] in stems:
@@ -144,20 +144,32 @@ def part_path(folder: Path, rank: int) -> Path:
     return folder / PARTS / f"rank-{rank:05d}.jsonl"
 
 
-def open_part(folder: Path, rank: int, resume: bool):
-    """This rank's record, one JSON line per finished image. A fresh run starts it over; --resume adds to it."""
-    path = part_path(folder, rank)
-    path.parent.mkdir(exist_ok=True)
-    return path.open("a" if resume else "w", encoding="utf-8")
+class Part:
+    """This rank's record, one JSON line per finished image, flushed as it is written so a crash right after loses
+    nothing. A fresh run starts it over; --resume adds to it. The file (and the output folder) is made at the first
+    line: a run that makes nothing writes nothing."""
 
+    def __init__(self, folder: Path, rank: int, resume: bool):
+        self.path, self.file = part_path(folder, rank), None
+        if not resume:
+            self.path.unlink(missing_ok=True)
 
-def record(part, result, rank: int, backend: str) -> None:
-    """Append one finished image's line and flush it, so a crash right after loses nothing."""
-    line = {"item": result.item.index, "prompt": result.item.prompt, "seed": result.item.seed,
-            "file": result.path.name, "rank": rank, "backend": backend, "seconds": round(result.seconds, 4),
-            "finished": now()}
-    part.write(json.dumps(line, ensure_ascii=False) + "\n")
-    part.flush()
+    def record(self, result, rank: int, backend: str) -> None:
+        line = {"item": result.item.index, "prompt": result.item.prompt, "seed": result.item.seed,
+                "file": result.path.name, "rank": rank, "backend": backend, "seconds": round(result.seconds, 4),
+                "finished": now()}
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a", encoding="utf-8")
+        self.file.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
 
 
 def now() -> str:
@@ -211,9 +223,12 @@ def merge(items: list, folder: Path, world_size: int, resume: bool) -> list[dict
     return [best[i] for i in sorted(best)]
 
 
-def write_manifest(folder: Path, lines: list[dict]) -> Path:
-    """Replace <folder>/manifest.jsonl atomically: readers see the old one or the new one, never half."""
+def write_manifest(folder: Path, lines: list[dict]) -> Path | None:
+    """Replace <folder>/manifest.jsonl atomically: readers see the old one or the new one, never half. None (and
+    nothing written) when there is nothing to list and no manifest to replace."""
     path = folder / MANIFEST
+    if not lines and not path.exists():
+        return None
     tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, path)
@@ -279,7 +294,7 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
     speaks = ranks.main and not quiet
     run, done, error, code = None, {}, None, 0
     try:
-        with open_part(folder, ranks.rank, resume) as part:
+        with Part(folder, ranks.rank, resume) as part:
             if resume:
                 done = finished(mine, settings)
             if len(done) < len(mine):  # else this rank has nothing left to make: no model to load
@@ -287,7 +302,7 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
                 gpu = int(settings.device[5:]) if (settings.device or "").startswith("cuda:") else None
                 run = view.prepare(settings, not speaks, hardware.probe(only_gpu=gpu) if several else None)
                 view.generate(run, mine, quiet=not speaks, skip=set(done),
-                              on_saved=lambda result: record(part, result, ranks.rank, attention_summary(run.router)),
+                              on_saved=lambda result: part.record(result, ranks.rank, attention_summary(run.router)),
                               rank=ranks.rank if several else None)
     except pipeline.Interrupted as exc:  # view.generate said so
         error, code = "interrupted", exc.exit_code
@@ -330,7 +345,7 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
     return code
 
 
-def report_share(run, settings, outcomes: list[dict], manifest: Path, view, quiet: bool) -> None:
+def report_share(run, settings, outcomes: list[dict], manifest: Path | None, view, quiet: bool) -> None:
     """Rank 0's report: every rank's images in one summary, the manifest, and which ranks failed. Rank 0's
     exit status stays its own, so that the launcher names the rank that failed as the root cause."""
     from sdcli import pipeline
@@ -348,7 +363,7 @@ def report_share(run, settings, outcomes: list[dict], manifest: Path, view, quie
         "seconds_per_image": round(sum(o["seconds"] for o in outcomes) / len(images), 4) if images else None,
         "images_per_second": round(len(images) / seconds, 4) if images and seconds else None,
         "peak_gpu_memory_gb": max(peaks) if peaks else None,
-        "manifest": str(manifest), "world_size": len(outcomes),
+        "manifest": str(manifest) if manifest else None, "world_size": len(outcomes),
         "ranks": [{k: v for k, v in o.items() if k != "images"} | {"images": len(o["images"])} for o in outcomes],
     })
     failed = [o for o in outcomes if o["error"] and o["rank"] != 0]
@@ -359,6 +374,7 @@ def report_share(run, settings, outcomes: list[dict], manifest: Path, view, quie
             raise
     if failed:  # each failed rank said what and where, and exits non-zero; this is the sum of it
         n = len(images) + len(summary["skipped"])
+        listed = f"listed in {manifest}" if manifest else "kept"
         view.error(f"{len(failed)} of {len(outcomes)} ranks failed "
-                   f"({'; '.join(o['error'] for o in failed)}); {n} finished image{'s' if n != 1 else ''} listed in "
-                   f"{manifest}; run the same command with --resume to make the rest")
+                   f"({'; '.join(o['error'] for o in failed)}); {n} finished image{'s' if n != 1 else ''} {listed}; "
+                   f"{pipeline.resume_hint(settings)}")

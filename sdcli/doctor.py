@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from sdcli import SdcliError, callable_module, hardware, numerics, timing, validate
+from sdcli import SdcliError, callable_module, hardware, numerics, plural, timing, validate
 from sdcli.backends import BROKEN, Backend, Shape, all_backends, plugin_errors, usable_here
 from sdcli.hardware import Machine
 
@@ -109,6 +109,22 @@ def family_option(family: str) -> str:
     return FAMILY_OPTIONS.get(family, f"'{family}'")
 
 
+PROBE_FAILED = "failed the probe"
+
+
+def probe_verdicts(verdicts: dict, probed: list[dict]) -> None:
+    """After --probe the verdict is the probe's: a backend the checks call usable but that failed (raised, or broke
+    its accuracy bound) at a probed shape says so, with the first such shape and why."""
+    for row in verdicts["backends"]:
+        failed = [p for p in probed if p["backend"] == row["backend"] and not p["ok"]]
+        if row["status"] == "usable" and failed:
+            first = failed[0]
+            more = f" (and {plural(len(failed) - 1, 'more shape')})" if len(failed) > 1 else ""
+            why = first.get("error") or first.get("why")
+            row.update(status=PROBE_FAILED, reason=f"at {first['shape']}: {why}{more}",
+                       fix=f"see sdcli compare --backends {row['backend']}; auto leaves it out where it fails")
+
+
 def load_report(path: Path) -> dict:
     """A saved `sdcli doctor --json` (or the bare report in it), checked to be one."""
     try:
@@ -139,6 +155,8 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
     validate.gpu_in_report(device, data)
     verdicts = assess(data, device, dtype, families)
     probed, cut = probe(data, verdicts, on_progress, families) if probe_kernels else (None, None)
+    if probed:
+        probe_verdicts(verdicts, probed)
     from sdcli import tuning  # loads torch: after the checks, so that bad input fails fast
 
     # plans measured on this machine, and the cache files that are not plans

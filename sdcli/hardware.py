@@ -377,6 +377,28 @@ class Machine:
         return (self.report.get("diffusers_backends") or {}).get(name)
 
 
+def use_threads(threads: int | None, device: str | None) -> str | None:
+    """Give torch `threads` CPU threads (None: torch's own, one per core), and for a run on the CPU say when the
+    machine is too busy for them. torch's threads wait for each other at every operation: with other processes on
+    the cores, a tiny image took 20-70 times as long with two threads as with one (docs/design.md, "Threads")."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device not in (None, "auto", "cpu") or (device != "cpu" and torch.cuda.is_available()):
+        return None  # a GPU run: the CPU threads only feed it
+    used = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average here (Windows)
+        return None
+    if used > 1 and load > cores - 0.5:
+        return (f"this machine is busy (load average {load:.1f} on {cores} cores) and torch runs {used} threads, "
+                "which then wait for each other: --threads 1 can be many times faster here")
+    return None
+
+
 def default_dtype(machine: Machine) -> str:
     """The dtype sdcli runs in by default: bf16 where measured to work on the GPU, fp16 on older GPUs."""
     if not machine.is_cuda:

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from sdcli import SdcliError, __version__, families, hardware
+from sdcli import SdcliError, __version__, families, hardware, lora
 
 
 def _quote(value) -> str:
@@ -38,7 +38,7 @@ def attention_summary(router) -> str:
 # speed options, ...). The recipe keeps them as given; --resume counts an image as done only when all match.
 PIXEL_SETTINGS = ("model", "negative_prompt", "steps", "guidance", "width", "height", "scheduler", "dtype",
                   "vae_dtype", "device", "backend", "fallback", "quantized", "tune", "batch_size", "compile",
-                  "compile_mode", "compile_vae", "channels_last", "fuse_qkv", "tf32", "cudnn_benchmark")
+                  "compile_mode", "compile_vae", "channels_last", "fuse_qkv", "tf32", "cudnn_benchmark", "loras")
 
 
 def pixel_settings(settings) -> dict:
@@ -46,6 +46,7 @@ def pixel_settings(settings) -> dict:
     data = {name: getattr(settings, name) for name in PIXEL_SETTINGS}
     # cpu, or auto for any GPU: a launcher gives each rank its own cuda:N, and the same GPU makes the same pixels
     data["device"] = "cpu" if settings.device == "cpu" else "auto"
+    data["loras"] = lora.keys(settings.loras)  # by content and scale, not path; None without any, as older recipes
     return data
 
 
@@ -61,6 +62,7 @@ def recipe(run, item) -> dict:
         "width": width, "height": height,
         "scheduler": s.scheduler, "sampler": run.sampler, "model": run.model_name, "backend": s.backend,
         "fallback": s.fallback, "quantized": s.quantized, "attention": attention_summary(run.router),
+        "loras": lora.keys(s.loras) or [],
         "speed": run.speed,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "device": run.device,
         "gpu": hardware.Machine(run.report, run.device).gpu_label, "batch_size": s.batch_size,
@@ -72,7 +74,9 @@ def recipe(run, item) -> dict:
 
 def a1111_parameters(r: dict) -> str:
     """The `parameters` text chunk as A1111 writes it, which its readers (and CivitAI, ComfyUI...) parse."""
-    lines = [r["prompt"]]
+    loras = r.get("loras") or []
+    # A1111 users write a LoRA into the prompt as <lora:name:scale>, and A1111 adds its hash: readers find both
+    lines = [" ".join([r["prompt"], *(f"<lora:{x['name']}:{x['scale']:g}>" for x in loras)])]
     if r.get("negative_prompt"):
         lines.append(f"Negative prompt: {r['negative_prompt']}")
     # Flux's guidance is an input of the model, not CFG: Forge writes it as "Distilled CFG Scale", CFG off at 1
@@ -80,7 +84,8 @@ def a1111_parameters(r: dict) -> str:
                 else {"CFG scale": r["guidance"]})
     fields = {"Steps": r["steps"], "Sampler": r["sampler"], **guidance, "Seed": r["seed"],
               "Size": f"{r['width']}x{r['height']}", "Model": r["model"], "Backend": r["backend"],
-              "Attention": r["attention"], "Dtype": r["dtype"], "Version": f"sdcli {__version__}"}
+              "Attention": r["attention"], "Dtype": r["dtype"],
+              "Lora hashes": ", ".join(f"{x['name']}: {x['hash']}" for x in loras), "Version": f"sdcli {__version__}"}
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v not in (None, "")))
     return "\n".join(lines)
 
@@ -132,7 +137,9 @@ def save_png(image, folder: Path, stem: str, data: dict) -> Path:
 
 def write_new(folder: Path, stem: str, suffix: str, write) -> Path:
     """Write atomically under `stem+suffix`, or `stem-1+suffix`, ... if taken: never overwrite, never half-write.
-    `write(path)` writes the content to a temporary path, which is then linked into place."""
+    `write(path)` writes the content to a temporary path, which is then linked into place. The folder is made
+    here, at the first file: a run that fails before it leaves no empty folder."""
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{stem}.{os.getpid()}.partial{suffix}"
     write(tmp)
     try:

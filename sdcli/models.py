@@ -456,6 +456,11 @@ def _checkpoint_tensors(path: str) -> dict:
         data = torch.load(path, map_location="cpu", weights_only=True)
         return data.get("state_dict", data) if isinstance(data, dict) else {}
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # torch's advice runs over many lines: one line that is whole
+            raise SdcliError(f"cannot read checkpoint {path}: besides tensors it holds Python objects, which torch's "
+                             "safe loader refuses (sdcli runs no code from a model file); if you trust its source, "
+                             "convert it to .safetensors or a diffusers folder (diffusers' "
+                             "scripts/convert_original_stable_diffusion_to_diffusers.py)") from None
         raise SdcliError(f"cannot read checkpoint {path}: {error_line(exc)}") from None
 
 
@@ -471,19 +476,42 @@ def _checkpoint_type(path: str) -> str:
     return model_type
 
 
+def config_repo(path: str) -> str | None:
+    """The Hub repo whose configuration and tokenizers diffusers builds a single-file checkpoint's pipeline from
+    (a checkpoint holds weights only): diffusers' own choice for the checkpoint's type."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
+
+    return DIFFUSERS_DEFAULT_PIPELINE_PATHS.get(_checkpoint_type(path), {}).get("pretrained_model_name_or_path")
+
+
+def check_config_reachable(path: str) -> None:
+    """Before a checkpoint's weights load: its configuration must be in the Hub cache or downloadable."""
+    repo = config_repo(path)
+    if repo is None or _in_hub_cache(repo, "model_index.json"):
+        return
+    why = "HF_HUB_OFFLINE is set" if _offline() else None if _hub_reachable() else "the Hub can't be reached"
+    if why:
+        raise SdcliError(f"{path} is a single file, which holds weights only: diffusers builds its pipeline from "
+                         f"the configuration and tokenizers of {repo} on the Hub, which are not in the Hub cache, "
+                         f"and {why}; on a connected machine run once: hf download {repo} --include '*.json' "
+                         "'*.txt' '*.model' (a few MB), or convert the checkpoint to a diffusers folder")
+
+
 def _from_checkpoint(path: str, family: families.Family, torch_dtype):
     import inspect
 
     import diffusers
 
+    check_config_reachable(path)
     cls = getattr(diffusers, family.pipelines[0])
     has_checker = "safety_checker" in inspect.signature(cls.__init__).parameters
     extra = {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}
     try:
         return cls.from_single_file(path, dtype=torch_dtype, local_files_only=_offline(), **extra)
     except Exception as exc:
-        hint = ("; single-file loading needs the model's config from the Hub cache: run once online, or convert "
-                "the checkpoint to a diffusers folder") if _offline() else ""
+        repo = config_repo(path)
+        hint = (f"; a single file takes its configuration and tokenizers from {repo} on the Hub (hf download {repo} "
+                "--include '*.json' '*.txt' '*.model'), or convert it to a diffusers folder") if repo else ""
         raise SdcliError(f"cannot load checkpoint {path}: {error_line(exc)}{hint}") from None
 
 
@@ -500,13 +528,21 @@ def _from_hub(repo: str, torch_dtype):
         raise SdcliError(f"cannot load {repo} from the Hub: {error_line(exc)}") from None
 
 
-def _hub_file(repo: str, filename: str) -> str:
+def _in_hub_cache(repo: str, filename: str) -> str | None:
     from huggingface_hub import hf_hub_download
 
     try:
         return hf_hub_download(repo, filename, local_files_only=True)
-    except Exception:
-        pass
+    except Exception:  # not cached, or a cache that can't be read: either way, not here
+        return None
+
+
+def _hub_file(repo: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    cached = _in_hub_cache(repo, filename)
+    if cached:
+        return cached
     where = f"download it on a connected machine (hf download {repo}), or pass a local folder, or --model tiny"
     if _offline():
         raise SdcliError(f"{repo} is not in the Hub cache and HF_HUB_OFFLINE is set: {where}")

@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, backends, families, first_line, hardware, numerics, speed, timing, validate
+from sdcli import SdcliError, backends, families, first_line, hardware, lora, numerics, plural, speed, timing, \
+    validate
 from sdcli.images import recipe, save_png
 
 SCHEDULER_NAMES = list(dict.fromkeys(name for f in families.FAMILIES for name in f.schedulers))  # every family's
@@ -52,6 +53,8 @@ class Settings:
     fuse_qkv: bool = False     # diffusers' fused q/k/v projections
     tf32: bool = True          # TF32 for fp32 matmuls and convolutions on CUDA (diffusers' advice)
     cudnn_benchmark: bool = False  # cuDNN's autotuner for the convolutions
+    loras: list[str] = field(default_factory=list)  # "FILE[:SCALE]", loaded through diffusers (sdcli.lora)
+    threads: int | None = None  # torch's CPU threads; None: torch's own
     output_dir: Path | None = Path("outputs")  # None: nothing is written (the Python API's compare)
 
     def __post_init__(self):
@@ -96,6 +99,9 @@ class Settings:
                              f"not {self.compile_mode!r}")
         if self.compile_mode != "default" and not (self.compile or self.compile_vae):
             raise SdcliError("--compile-mode needs --compile or --compile-vae")
+        if self.threads is not None and self.threads < 1:
+            raise SdcliError(f"--threads must be at least 1, not {self.threads}")
+        lora.parse_all(self.loras)
         if self.backend != "auto":
             try:
                 backends.get(self.backend)
@@ -106,6 +112,9 @@ class Settings:
 
 
 def check_output_dir(folder: Path) -> None:
+    """Can images be written to `folder`? Tried with a probe file; folders made for the probe are removed again,
+    so a run that fails before its first image leaves no empty folder behind (writers make it: images.write_new)."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".sdcli-write-test-{os.getpid()}-{secrets.token_hex(4)}"  # pids repeat across nodes
@@ -113,6 +122,12 @@ def check_output_dir(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise SdcliError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+    finally:
+        for path in made:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:  # not empty after all (another process writes there too): it stays
+                break
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -220,12 +235,19 @@ class BadImages(SdcliError):
     exit_code = 3
 
     def __init__(self, problems):
-        super().__init__(f"{len(problems)} image(s) came out NaN or black (kept, see above): {problems[0]['problem']}")
+        super().__init__(f"{plural(len(problems), 'image')} came out NaN or black (kept, see above): "
+                         f"{problems[0]['problem']}")
 
 
 def kept(run: Run) -> str:
     n = len(run.images)
-    return f"{n} finished image{'s' if n != 1 else ''} kept in {run.settings.output_dir}" if n else "no image was finished"
+    return f"{plural(n, 'finished image')} kept in {run.settings.output_dir}" if n else "no image was finished"
+
+
+def resume_hint(settings: Settings) -> str:
+    """How to finish a run that stopped: the same command with --resume, and the seed its images are named by
+    (without --seed it was random, so --resume needs it said)."""
+    return f"to make the rest, run the same command with --resume --seed {settings.seed}"
 
 
 def run_failed(run: Run, todo: list[Item], exc: Exception, rank: int | None = None) -> RunFailed:
@@ -238,7 +260,8 @@ def run_failed(run: Run, todo: list[Item], exc: Exception, rank: int | None = No
     else:
         where = f" in item {failed.index} (seed {failed.seed})" if failed else ""
     who = "" if rank is None else f"rank {rank}: "
-    return RunFailed(f"{who}{type(exc).__name__}{where}: {first_line(exc)}; {kept(run)}")
+    hint = f"; {resume_hint(run.settings)}" if run.images else ""
+    return RunFailed(f"{who}{type(exc).__name__}{where}: {first_line(exc)}; {kept(run)}{hint}")
 
 
 def choose_device(report: dict, device: str | None) -> str:
@@ -259,21 +282,37 @@ def choose_device(report: dict, device: str | None) -> str:
     return f"cuda:{index}"
 
 
-def prepare(settings: Settings, report: dict | None = None, on_progress=None) -> Run:
+def check_runs_here(name: str, machine: hardware.Machine, option: str = "--backend") -> None:
+    """A backend the user named must be able to run on this machine at all, or the run stops before the model
+    loads, with doctor's reason and fix (--fallback is for the layers it can't take, not for all of them)."""
+    verdict = backends.get(name).verdict(machine)
+    if not verdict.usable:
+        fix = f"; fix: {verdict.fix}" if verdict.fix else ""
+        raise SdcliError(f"{option} {name} can't run here ({verdict.status}): {verdict.reason}{fix} "
+                         "(sdcli doctor lists what can)")
+
+
+def prepare(settings: Settings, report: dict | None = None, on_progress=None, judged: bool = False) -> Run:
     """Validate, probe, load the model, set the scheduler, measure or read `auto`'s plan, route attention and
-    apply the speed options. Nothing is generated yet. on_progress(text) hears about slow steps."""
-    from sdcli import models, routing, tuning
+    apply the speed options. Nothing is generated yet. on_progress(text) hears about slow steps. `judged`: the
+    caller will judge kernels at the model's shapes (compare, bench), which memory.check counts."""
+    from sdcli import memory, models, routing, tuning
 
     if settings.seed is None:
         settings.seed = secrets.randbelow(2**32)
     settings.validate()
-    settings.apply_family()  # an unsupported model fails before its weights load
+    family = settings.apply_family()  # an unsupported model fails before its weights load
     report = report or hardware.probe()
     device = choose_device(report, settings.device)
     machine = hardware.Machine(report, device)
+    if settings.backend != "auto":
+        check_runs_here(settings.backend, machine)
     dtype = hardware.default_dtype(machine) if settings.dtype == "auto" else settings.dtype
+    memory.check(settings, family, machine, dtype, dtype if settings.vae_dtype == "auto" else settings.vae_dtype,
+                 judged)  # a size that can't fit stops here, not after minutes or the OS's out-of-memory killer
     t0 = time.perf_counter()
     pipe, name = models.load(settings.model, dtype, device)
+    lora.load(pipe, lora.parse_all(settings.loras))
     vae_dtype = settings.vae_dtype
     if vae_dtype == "auto":  # fp16 VAEs overflow into NaN/black; diffusers marks those with force_upcast
         vae_dtype = "fp32" if dtype == "fp16" and getattr(pipe.vae.config, "force_upcast", False) else dtype

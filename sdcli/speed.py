@@ -31,8 +31,11 @@ def apply(pipe, fuse_qkv: bool = False, channels_last: bool = False) -> None:
     routing alike: diffusers' fused processor makes the same attention call, which stays routed."""
     import torch
 
+    from sdcli import lora
     from sdcli.routing import attention_models
 
+    if fuse_qkv:
+        lora.fuse(pipe)  # fused projections would drop PEFT's LoRA layers silently
     for model in attention_models(pipe).values():
         if fuse_qkv and hasattr(model, "fuse_qkv_projections"):
             model.fuse_qkv_projections()

@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from sdcli import backends, routing, timing, validate
+from sdcli import backends, lora, routing, timing, validate
 from sdcli.backends import Shape
 from sdcli.hardware import Machine
 
@@ -31,7 +31,13 @@ VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "f
 def cache_dir() -> Path:
     if os.environ.get("SDCLI_CACHE_DIR"):
         return Path(os.environ["SDCLI_CACHE_DIR"]) / "plans"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdcli" / "plans"
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # no home directory to be found: a cache of this user's in the temp folder
+        import tempfile
+
+        base = Path(tempfile.gettempdir()) / f"sdcli-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    return base / "sdcli" / "plans"
 
 
 def plan_key(run, quantized: bool) -> dict:
@@ -55,6 +61,7 @@ def plan_key(run, quantized: bool) -> dict:
         "fuse_qkv": s.fuse_qkv, "channels_last": s.channels_last, "compile": s.compile,
         "compile_vae": s.compile_vae, "compile_mode": s.compile_mode, "tf32": s.tf32,
         "cudnn_benchmark": s.cudnn_benchmark,
+        **({"loras": lora.keys(s.loras)} if s.loras else {}),  # they change the activations judged; none: as before
     }
 
 
@@ -127,8 +134,11 @@ def load_or_tune(run, one_step, quantized: bool = False, retune: bool = False, o
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(plan, indent=1))
         os.replace(tmp, path)
-    except OSError as exc:  # no writable cache, or a folder by the plan's name: the plan still serves this run
-        tmp.unlink(missing_ok=True)
+    except OSError as exc:  # no writable cache (a file in its path, a read-only disk, ...) or a folder by the plan's
+        try:                # name: the plan still serves this run
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         return {**plan, "path": str(path), "cached": False, "not_saved": exc.strerror or str(exc)}
     return {**plan, "path": str(path), "cached": False}
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sdcli import SdcliError
+from sdcli import SdcliError, interrupt, plural
 
 # Piped output (a file, a log) gets 120 columns instead of rich's 80, so tables stay readable.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -33,6 +33,12 @@ def error(text: str) -> None:
 
 def warning(text: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
+
+
+def plain(value) -> str:
+    """Text from outside (a package spec, a path, a message, a plug-in's name) as it is: in a table cell or a
+    printed line rich would take `[cu13]` in `'flash-attn-4[cu13]>=4.0.0b36'` for markup and drop it."""
+    return escape(str(value))
 
 
 def interrupted(text: str) -> None:
@@ -60,7 +66,8 @@ def serves_text(serves: dict | None) -> str:
 
 
 STATUS_STYLE = {"usable": "green", "unsupported shape": "yellow", "not installed": "dim",
-                "unsupported on this GPU": "yellow", "wrong version": "red", "broken install": "red"}
+                "unsupported on this GPU": "yellow", "needs a GPU": "dim", "wrong version": "red",
+                "broken install": "red", "failed the probe": "red"}
 
 
 def print_doctor(result: dict) -> None:
@@ -70,20 +77,22 @@ def print_doctor(result: dict) -> None:
     machine = Table(title="Machine", show_header=False, title_justify="left")
     machine.add_column(style="bold")
     machine.add_column()
-    machine.add_row("OS / Python", f"{s.get('os')} / Python {s.get('python')}")
-    machine.add_row("CPU / RAM", f"{s.get('cpu')} ({s.get('cpu_count')} threads) / {s.get('ram_gb')} GiB")
+    machine.add_row("OS / Python", plain(f"{s.get('os')} / Python {s.get('python')}"))
+    machine.add_row("CPU / RAM", plain(f"{s.get('cpu')} ({s.get('cpu_count')} threads) / {s.get('ram_gb')} GiB"))
     nvml = report.get("nvml", {})
     for g in report.get("gpus", []):
-        machine.add_row(f"GPU {g['index']}", f"{g['name']}, SM{str(g.get('compute_capability') or '?').replace('.', '')}, "
-                        f"{g.get('memory_total_gb')} GiB ({g.get('memory_free_gb')} free), {g.get('multiprocessors')} SMs")
+        machine.add_row(f"GPU {g['index']}", plain(
+            f"{g['name']}, SM{str(g.get('compute_capability') or '?').replace('.', '')}, "
+            f"{g.get('memory_total_gb')} GiB ({g.get('memory_free_gb')} free), {g.get('multiprocessors')} SMs"))
     if not report.get("gpus"):
-        machine.add_row("GPU", "none found" + (f" (NVML: {nvml['error']})" if nvml.get("error") else ""))
-    machine.add_row("Driver / CUDA", f"{nvml.get('driver') or '-'} / driver CUDA {nvml.get('cuda_driver') or '-'}")
-    machine.add_row("torch", f"{t.get('version')}, CUDA {t.get('cuda') or '-'}, cuDNN {t.get('cudnn') or '-'}, "
-                    f"{'GPU usable' if t.get('cuda_available') else 'no GPU usable'}")
+        machine.add_row("GPU", "none found" + (f" (NVML: {plain(nvml['error'])})" if nvml.get("error") else ""))
+    machine.add_row("Driver / CUDA",
+                    plain(f"{nvml.get('driver') or '-'} / driver CUDA {nvml.get('cuda_driver') or '-'}"))
+    machine.add_row("torch", plain(f"{t.get('version')}, CUDA {t.get('cuda') or '-'}, cuDNN {t.get('cudnn') or '-'}, "
+                                   f"{'GPU usable' if t.get('cuda_available') else 'no GPU usable'}"))
     if report.get("gpus") and not t.get("cuda_available"):
         machine.add_row("[red]note[/]", "NVML sees a GPU but torch can't use it: install a CUDA build of torch "
-                        "(pytorch.org), or update the driver" + (f" ({t['error']})" if t.get("error") else ""))
+                        "(pytorch.org), or update the driver" + (f" ({plain(t['error'])})" if t.get("error") else ""))
     dt = report.get("dtypes", {})
     if dt:
         machine.add_row(f"dtypes ({dt.get('device')})", ", ".join(
@@ -97,27 +106,28 @@ def print_doctor(result: dict) -> None:
         if p.get("import_ok"):
             state = "[green]ok[/]"
             if p.get("ops_ok") is False:
-                state = f"[red]compiled ops don't load[/] (built for torch {p.get('built_for_torch') or '?'})"
+                state = f"[red]compiled ops don't load[/] (built for torch {plain(p.get('built_for_torch') or '?')})"
             if p.get("ops_import_error"):
                 state = ("" if p.get("ops_ok") is not False else state + "; ") \
-                    + f"[red]import xformers.ops fails[/]: {escape(p['ops_import_error'])}"
+                    + f"[red]import xformers.ops fails[/]: {plain(p['ops_import_error'])}"
             if p.get("disk_cache") is not None:  # FlashAttention-4: off, it compiles again in every process
                 state += f", compiled kernels kept on disk: {'yes' if p['disk_cache'] else '[yellow]no[/]'}"
         elif p.get("version") or p.get("import_ok") is False:
-            state = f"[red]import fails[/]: {p.get('error')}"
+            state = f"[red]import fails[/]: {plain(p.get('error'))}"
         else:
             state = "[dim]not installed[/]"
-        pk.add_row(name, p.get("version") or "-", state)
+        pk.add_row(plain(name), plain(p.get("version") or "-"), state)
     out.print(pk)
 
-    bt = Table(title=f"Attention backends on {verdicts['gpu']} ({verdicts['dtype']})", title_justify="left",
+    bt = Table(title=plain(f"Attention backends on {verdicts['gpu']} ({verdicts['dtype']})"), title_justify="left",
                show_lines=True)
     for col in ("backend", "kind", "verdict", "why / which SD layers it serves", "fix"):
         bt.add_column(col, overflow="fold")
     for r in verdicts["backends"]:
-        name = r["backend"] + (f"\n[dim]{r['origin']}[/]" if r["origin"] != "sdcli" else "")
+        name = plain(r["backend"]) + (f"\n[dim]{plain(r['origin'])}[/]" if r["origin"] != "sdcli" else "")
         style = STATUS_STYLE.get(r["status"], "")
-        bt.add_row(name, r["kind"], f"[{style}]{r['status']}[/]", r["reason"] or serves_text(r["serves"]), r["fix"])
+        bt.add_row(name, plain(r["kind"]), f"[{style}]{plain(r['status'])}[/]",
+                   plain(r["reason"] or serves_text(r["serves"])), plain(r["fix"]))
     out.print(bt)
 
     if probe:
@@ -130,15 +140,16 @@ def print_doctor(result: dict) -> None:
             pt.add_column(col, justify="left" if col in ("backend", "shape") else "right")
         for r in probe:
             if "error" in r:
-                pt.add_row(r["backend"], r["shape"], f"[red]{r['error']}[/]", "", "", "")
+                pt.add_row(plain(r["backend"]), plain(r["shape"]), f"[red]{plain(r['error'])}[/]", "", "", "")
                 continue
             ratio = _fmt(r["ratio"], ".2f") if r["kind"] == "exact" else ""
-            pt.add_row(r["backend"], r["shape"], f"{r['rel_error']:.1e}", ratio if r["ok"] else f"[red]{r['why']}[/]",
-                       _fmt(r.get("ms"), ".2f"), _fmt(r.get("tflops"), ".2f"))
+            speed = (_fmt(r.get("ms"), ".2f"), _fmt(r.get("tflops"), ".2f")) if r["ok"] else ("", "")  # wrong: no speed
+            pt.add_row(plain(r["backend"]), plain(r["shape"]), f"{r['rel_error']:.1e}",
+                       ratio if r["ok"] else f"[red]{plain(r['why'])}[/]", *speed)
         out.print(pt)
     for plan in result["plans"]:
         out.print(plan_table(plan))
-        out.print(f"  {plan['path']}", style="dim", soft_wrap=True)
+        out.print(f"  {plan['path']}", style="dim", soft_wrap=True, markup=False)
     for skipped in result["skipped_cache_files"]:
         out.print(f"Skipped in auto's plan cache: {skipped['path']}: {skipped['why']}", style="yellow", soft_wrap=True,
                   markup=False)
@@ -158,13 +169,14 @@ def plan_table(plan: dict) -> Table:
     from sdcli.tuning import summary
 
     k = plan["key"]
-    t = Table(title=f"Measured plan: {k['model']} {k['width']}x{k['height']}, batch {k['batch_size']}, {k['dtype']} on "
-                    f"{k['machine']}", title_justify="left", box=box.SIMPLE_HEAD)
+    t = Table(title=plain(f"Measured plan: {k['model']} {k['width']}x{k['height']}, batch {k['batch_size']}, "
+                          f"{k['dtype']} on {k['machine']}"), title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("shape", "batch", "choice", "ms", "runner-up", "ms ", "sdpa ms", "failed the accuracy bound"):
         t.add_column(col, justify="right" if "ms" in col or col == "batch" else "left")
     for r in summary(plan):
-        t.add_row(r["shape"], str(r["batch"]), r["choice"] or "-", _fmt(r["ms"], ".3f"), r["runner_up"] or "-",
-                  _fmt(r["runner_up_ms"], ".3f"), _fmt(r["sdpa_ms"], ".3f"), ", ".join(r["refused"]))
+        t.add_row(plain(r["shape"]), str(r["batch"]), plain(r["choice"] or "-"), _fmt(r["ms"], ".3f"),
+                  plain(r["runner_up"] or "-"), _fmt(r["runner_up_ms"], ".3f"), _fmt(r["sdpa_ms"], ".3f"),
+                  plain(", ".join(r["refused"])))
     return t
 
 
@@ -208,13 +220,17 @@ def generate(run, items, quiet: bool, skip=frozenset(), on_saved=None, rank: int
             if on_saved:
                 on_saved(result)
             if result.problem:
-                err.print(f"[yellow]warning:[/] {result.path.name}: {result.problem}", soft_wrap=True)
+                warning(f"{result.path.name}: {result.problem}")
 
+        def kept() -> str:
+            return pipeline.kept(run) + (f"; {pipeline.resume_hint(run.settings)}" if run.images else "")
+
+        interrupt.on_force(lambda: who + kept())  # a Ctrl-C inside one long operation: images are whole on disk
         try:
             pipeline.generate(run, items, on_step=on_step, on_image=on_image, skip=skip)
         except KeyboardInterrupt:
             bar.stop()
-            err.print(f"{who}interrupted: {pipeline.kept(run)}", soft_wrap=True)
+            err.print(f"{who}interrupted: {kept()}", soft_wrap=True, markup=False)
             raise pipeline.Interrupted() from None
         except SdcliError:
             raise
@@ -223,6 +239,8 @@ def generate(run, items, quiet: bool, skip=frozenset(), on_saved=None, rank: int
                 raise
             bar.stop()
             raise pipeline.run_failed(run, todo, exc, rank) from None
+        finally:
+            interrupt.on_force(None)
 
 
 def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
@@ -241,15 +259,15 @@ def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
                      + (" in all" if ranks > 1 else "") if n else "")
                   + (f", peak GPU memory {peak} GiB" if peak is not None else "")
                   + (f"; {skipped} were already there (--resume)" if skipped else ""),
-                  soft_wrap=True)
+                  soft_wrap=True, markup=False)
         if summary.get("manifest"):
-            out.print(f"Manifest: {summary['manifest']}", soft_wrap=True)
+            out.print(f"Manifest: {summary['manifest']}", soft_wrap=True, markup=False)
         if verbose and ranks > 1:
             for r in summary["ranks"]:
                 out.print(f"  rank {r['rank']} ({r['host']}, {r['device'] or 'no model loaded'}): {r['images']} "
                           f"image{'s' if r['images'] != 1 else ''} in {r['seconds']:.1f} s"
                           + (f", {len(r['skipped'])} already there" if r["skipped"] else "")
-                          + (f"; {r['error']}" if r["error"] else ""), soft_wrap=True)
+                          + (f"; {r['error']}" if r["error"] else ""), soft_wrap=True, markup=False)
         if (summary.get("speed") or {}).get("note"):
             warning(summary["speed"]["note"])
         if summary["attention"]:  # None when rank 0 had nothing left to make
@@ -266,13 +284,18 @@ def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
 
 
 def print_attention(att: dict, verbose: bool, who: str = "") -> None:
-    served = ", ".join(f"{b} {n} calls" for b, n in att["served"].items())
-    out.print(f"Attention ({att['requested']}{', ' + who if who else ''}): {served}", soft_wrap=True)
+    served = ", ".join(f"{b} {plural(n, 'call')}" for b, n in att["served"].items())
+    out.print(f"Attention ({att['requested']}{', ' + who if who else ''}): {served}", soft_wrap=True, markup=False)
+    folded: dict[tuple, list[str]] = {}  # layers that fell back the same way, for the same reason: one line
     for f in att["fallbacks"]:
-        out.print(f"  fallback: {f['layer']} → {f['backend']} ({f['instead_of']}: {f['why']})", soft_wrap=True)
+        folded.setdefault((f["backend"], f["instead_of"], f["why"]), []).append(f["layer"])
+    for (backend, instead_of, why), layers in folded.items():
+        parts = ", ".join(dict.fromkeys(layer.split(".")[0] for layer in layers))
+        which = layers[0] if len(layers) == 1 else f"{plural(len(layers), 'layer')} of the {parts} (--json lists each)"
+        out.print(f"  fallback: {which} → {backend} ({instead_of}: {why})", soft_wrap=True, markup=False)
     not_routed = Counter(why for layer in att.get("not_routed", []) for why in layer["why"])
     for why, layers in not_routed.items():
-        out.print(f"  not routed: {layers} layer{'s' if layers != 1 else ''}: {why}", soft_wrap=True, markup=False)
+        out.print(f"  not routed: {plural(layers, 'layer')}: {why}", soft_wrap=True, markup=False)
     if not verbose:
         return
     t = Table(title="Attention plan: which kernel served which layers (\\[kernel]: what torch's SDPA picked)",
@@ -281,12 +304,12 @@ def print_attention(att: dict, verbose: bool, who: str = "") -> None:
                 "passed over"):
         t.add_column(col, overflow="fold")
     for g in att["groups"]:
-        calls = ", ".join(f"{b}: {n}" + (f" \\[{g['kernels'][b].replace('_attention', '')}]" if b in g["kernels"] else "")
+        calls = ", ".join(f"{b}: {n}" + (f" [{g['kernels'][b].replace('_attention', '')}]" if b in g["kernels"] else "")
                           for b, n in g["calls"].items())
         processors = ", ".join(g["processors"]) + (f" ({g['not_reached']} not reached)" if g["not_reached"] else "")
-        t.add_row(g["part"], g["kind"], f"{g['heads'] or '?'}×{g['head_dim'] or '?'}", g["dtype"], str(g["layers"]),
-                  " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), calls, processors,
-                  "; ".join(f"{b}: {r}" for b, r in g["refused"].items()))
+        t.add_row(plain(g["part"]), g["kind"], f"{g['heads'] or '?'}×{g['head_dim'] or '?'}", g["dtype"],
+                  str(g["layers"]), " ".join(f"{q}·{kv}" for q, kv in g["seqs"]), plain(calls), plain(processors),
+                  plain("; ".join(f"{b}: {r}" for b, r in g["refused"].items())))
     out.print(t)
 
 
@@ -328,8 +351,8 @@ def status(text: str, quiet: bool):
 
 
 def print_compare(result: dict) -> None:
-    t = Table(title=f"{result['model']}, seed {result['seed']}, {result['steps']} steps, {result['dtype']} on "
-                    f"{result['gpu']}, against {result['reference']}", title_justify="left", box=box.SIMPLE_HEAD)
+    t = Table(title=plain(f"{result['model']}, seed {result['seed']}, {result['steps']} steps, {result['dtype']} on "
+                          f"{result['gpu']}, against {result['reference']}"), title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("backend", "verdict", "kernel err", "×round", "step err", "PSNR", "SSIM", "max|Δ|", "s", "GiB"):
         t.add_column(col, justify="left" if col in ("backend", "verdict") else "right")
     for r in result["rows"]:
@@ -337,19 +360,19 @@ def print_compare(result: dict) -> None:
         style = {"pass": "green", "reference": "bold", "n/a": "yellow", "not judged": "yellow"}.get(r["verdict"], "red")
         kind = "" if r["verdict"] == "reference" else f" [dim]{r['kind'][:5]}[/]"
         psnr = "∞" if r.get("identical") else _fmt(r.get("psnr_db"), ".1f")
-        t.add_row(r["backend"], f"[{style}]{r['verdict']}[/]{kind}", _fmt(k.get("max_rel_error"), ".1e"),
+        t.add_row(plain(r["backend"]), f"[{style}]{r['verdict']}[/]{kind}", _fmt(k.get("max_rel_error"), ".1e"),
                   _fmt(k.get("max_ratio"), ".2f"), _fmt(r.get("step_rel_error"), ".1e"), psnr,
                   _fmt(r.get("ssim"), ".4f"), _fmt(r.get("max_abs_diff"), ".0f"), _fmt(r.get("seconds"), ".2f"),
                   _fmt(r.get("peak_memory_gb"), ".2f"))
     out.print(t)
     for r in result["rows"]:
         if r["verdict"] in ("n/a", "not judged"):
-            out.print(f"[yellow]{r['backend']} {r['verdict']}[/]: {escape(r['why'])}", soft_wrap=True)
+            out.print(f"[yellow]{plain(r['backend'])} {r['verdict']}[/]: {plain(r['why'])}", soft_wrap=True)
         elif r["verdict"] not in ("pass", "reference"):
-            out.print(f"[red]{r['backend']} {r['verdict']}[/]: {escape(r['why'])}", soft_wrap=True)
+            out.print(f"[red]{plain(r['backend'])} {r['verdict']}[/]: {plain(r['why'])}", soft_wrap=True)
         elif r.get("fallback_layers"):
-            out.print(f"{r['backend']}: {r['fallback_layers']} of {r['layers']} layers served by "
-                      f"{result['reference']} (the backend can't take them)", soft_wrap=True)
+            out.print(f"{r['backend']}: {r['fallback_layers']} of {plural(r['layers'], 'layer')} served by "
+                      f"{result['reference']} (the backend can't take them)", soft_wrap=True, markup=False)
     t0 = result["thresholds"]
     out.print(f"kernel err: the worst call's relative error against exact attention (every layer's captured inputs, "
               f"and sampled ones per layer shape); ×round: the worst call's error over the rounding of its exact "
@@ -357,7 +380,7 @@ def print_compare(result: dict) -> None:
               f"ones at a relative error ≤ {t0['quantized_tol']:g}). step err: latent after step 1. "
               "max|Δ| in 0-255.",
               soft_wrap=True, style="dim")
-    out.print(f"grid: {result['grid']}\nreport: {result['json']}", soft_wrap=True)
+    out.print(f"grid: {result['grid']}\nreport: {result['json']}", soft_wrap=True, markup=False)
 
 
 # ----- bench --------------------------------------------------------------------------------------------
@@ -373,12 +396,23 @@ def bench_progress(quiet: bool):
     return bar, lambda text, advance=0: bar.update(task, description=text, advance=advance)
 
 
+def bench_kept(result: dict) -> str:
+    """What an interrupted bench kept, in words."""
+    cut = result["interrupted"]
+    done = f"{cut['rows_done']} of {plural(cut['rows_planned'], 'configuration')} measured"
+    if not result.get("json"):
+        return f"{done}: nothing to keep"
+    return f"{done}, kept in {result['json']}" + (f" and {result['plot']}" if result.get("plot") else
+                                                   " (no plot: no configuration finished a point)")
+
+
 def print_bench(r: dict) -> None:
     from sdcli.backends import Shape
     from sdcli.bench import guidance_label
 
-    t = Table(title=f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, {guidance_label(r)}, {r['dtype']} "
-                    f"on {r['gpu']}: images/s (whole pipeline, median of {r['repeats']})", title_justify="left",
+    t = Table(title=plain(f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, {guidance_label(r)}, "
+                          f"{r['dtype']} on {r['gpu']}: images/s (whole pipeline, median of {r['repeats']})"),
+              title_justify="left",
               box=box.SIMPLE_HEAD)
     t.add_column("configuration")
     for b in r["batch_sizes"]:
@@ -393,7 +427,7 @@ def print_bench(r: dict) -> None:
             cells.append("-" if p is None else "OOM" if p["oom"] else f"{p['images_per_s']:.3f}")
         best = c["best"]
         peak = by_batch.get(best["batch"], {}).get("peak_gb") if best else None
-        t.add_row(c["name"], *cells, f"{best['images_per_s']:.3f} @{best['batch']}" if best else "-",
+        t.add_row(plain(c["name"]), *cells, f"{best['images_per_s']:.3f} @{best['batch']}" if best else "-",
                   _fmt(c.get("speedup_vs_diffusers"), ".2f"),
                   _fmt(c.get("speedup_vs_baseline"), ".2f") if c["options"] else "",
                   _fmt(c.get("s_per_image_batch1"), ".3f"),
@@ -404,10 +438,10 @@ def print_bench(r: dict) -> None:
     out.print(f"Every row: TF32 {on(sp['tf32'])}, cuDNN autotuner {on(sp['cudnn_benchmark'])}"
               + (f"; compiled rows in {sp['compile_mode']} mode" if sp["compile_mode"] else ""), soft_wrap=True)
     if sp.get("note"):
-        out.print(f"[yellow]note:[/] {sp['note']}", soft_wrap=True)
+        out.print(f"[yellow]note:[/] {plain(sp['note'])}", soft_wrap=True)
     for s in r["summary"]:
         if s["speedup"]:
-            out.print(f"{s['what']}: {s['row']} is ×{s['speedup']:.2f} {s['against']}", soft_wrap=True)
+            out.print(f"{s['what']}: {s['row']} is ×{s['speedup']:.2f} {s['against']}", soft_wrap=True, markup=False)
     if r.get("attention"):
         a = Table(title="Attention kernels alone at the model's shapes (batch = 1 image, 2 with CFG): ms, TFLOP/s",
                   title_justify="left", box=box.SIMPLE_HEAD)
@@ -418,7 +452,8 @@ def print_bench(r: dict) -> None:
             cells = [f"{m['backend']} {m['ms']:.3f} ({m['tflops']:.2f})" + ("" if m["ok"] else " ✗")
                      if "ms" in m else f"{m['backend']} failed" for m in rows]
             shape = e["shape"]
-            a.add_row(str(Shape(**shape)), str(shape.get("batch")), ", ".join(cells))
+            a.add_row(str(Shape(**shape)), str(shape.get("batch")), plain(", ".join(cells)))
         out.print(a)
     out.print(f"Timing: {r['timing']}.", style="dim")
-    out.print(f"plot: {r['plot']}\njson: {r['json']}", soft_wrap=True)
+    out.print(f"plot: {r['plot'] or '- (nothing measured to plot)'}\njson: {r['json'] or '-'}", soft_wrap=True,
+              markup=False)

@@ -18,6 +18,12 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["SDCLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdcli-test-cache-")
+    # One thread per test process (and subprocess): on a busy machine torch's threads wait for each other, and the
+    # suite took 53 min instead of 4 (issue 23). Tests that compare pixels across processes need it too.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -66,14 +72,51 @@ def register_backend():
 
     names = []
 
-    def register(name, attention, checks=(), kind="exact"):
+    def register(name, attention, checks=(), kind="exact", **options):
         backends.register(backends.Backend(name, f"test backend {name}", kind=kind, attention=attention,
-                                           checks=list(checks)), replace=True)
+                                           checks=list(checks), **options), replace=True)
         names.append(name)
 
     yield register
     for name in names:
         backends.unregister(name)
+
+
+@pytest.fixture
+def plugins():
+    """install(folder): the plug-in packages in `folder` (see make_plugin) found by this process the way an
+    installed plug-in is, through their `sdcli.backends` entry points; call it again after changing them (an
+    upgrade). Whatever they registered is gone after the test."""
+    import importlib
+    import sys
+
+    from sdcli import backends
+
+    folders = []
+
+    def rescan():
+        for backend in list(backends._REGISTRY.values()):
+            if backend.origin != "sdcli":
+                backends.unregister(backend.name)
+        backends._PLUGIN_ERRORS.clear()
+        backends._plugins_loaded = False
+        for name, module in list(sys.modules.items()):
+            if any(str(getattr(module, "__file__", None) or "").startswith(folder) for folder in folders):
+                del sys.modules[name]
+        importlib.invalidate_caches()
+
+    def install(folder):
+        if str(folder) not in folders:
+            folders.append(str(folder))
+            sys.path.insert(0, str(folder))
+        rescan()
+        backends.load_plugins()
+
+    yield install
+    rescan()
+    for folder in folders:
+        sys.path.remove(folder)
+    folders.clear()
 
 
 def sdpa(q, k, v, attn_mask=None, scale=None):
@@ -111,3 +154,24 @@ def make_plugin(folder, name, source, entry_points, version="1.0", editable=Fals
     if editable:  # PEP 610, as pip records an editable install
         (dist / "direct_url.json").write_text(json.dumps({"url": folder.as_uri(), "dir_info": {"editable": True}}))
     return {"PYTHONPATH": str(folder)}
+
+
+def make_lora(folder, model="tiny", name="style", seed=0):
+    """A LoRA for a built-in tiny model, made offline as diffusers' own tests make one (PEFT's LoraConfig on the
+    denoiser's attention projections, random non-zero weights) and saved by the pipeline's save_lora_weights, in
+    the format LoRAs are shared in. Returns its path."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from sdcli import models
+
+    pipe = models.TINY[model]()
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    torch.manual_seed(seed)
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False))
+    layers = get_peft_model_state_dict(denoiser)
+    part = "unet_lora_layers" if hasattr(pipe, "unet") else "transformer_lora_layers"
+    type(pipe).save_lora_weights(str(folder), **{part: layers}, weight_name=f"{name}.safetensors")
+    return folder / f"{name}.safetensors"

@@ -7,15 +7,13 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, sdpa
 
 
 def readme_example() -> str:
-    """The README's Python example, with its Hub model swapped for the built-in tiny pipeline (offline)."""
+    """The README's Python example, exactly as written (it runs offline)."""
     text = (ROOT / "README.md").read_text()
-    code = re.search(r"## Python API\n.*?```python\n(.*?)```", text, re.S).group(1)
-    pipe_line = re.search(r"^pipe = .*$", code, re.M).group(0)
-    return code.replace(pipe_line, "pipe = sdcli.models.tiny()")
+    return re.search(r"## Python API\n.*?```python\n(.*?)```", text, re.S).group(1)
 
 
 def test_import_sdcli_loads_neither_torch_nor_diffusers():
@@ -25,9 +23,10 @@ def test_import_sdcli_loads_neither_torch_nor_diffusers():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_readme_example_runs_and_counts_what_the_cli_counts(cli, tmp_path, capsys):
-    import sdcli.models  # noqa: F401 (the example's stand-in pipeline, as sdcli.models.tiny())
+def test_readme_example_runs_as_written_and_counts_what_the_cli_counts(cli, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # offline: nothing may be fetched
     scope = {}
     exec(compile(readme_example(), "README.md", "exec"), scope)
     plan, pipe = scope["plan"], scope["pipe"]
@@ -61,14 +60,23 @@ def test_a_named_backend_serves_exactly_what_the_cli_reports(cli, tmp_path):
     assert plan.served()["backends"] == {"sdpa": 29}  # unrouted: nothing more counted
 
 
-def test_route_refuses_what_it_cannot_do_in_one_line():
+def test_route_refuses_what_it_cannot_do_in_one_line_in_the_apis_words(register_backend):
     import sdcli
+    from sdcli.backends import head_dim_at_most
     from sdcli.models import tiny
 
+    pipe = tiny()
     with pytest.raises(sdcli.SdcliError, match="unknown attention backend 'nope'"):
-        sdcli.route(tiny(), backend="nope")
-    with pytest.raises(sdcli.SdcliError, match="can't serve layer"):
-        sdcli.route(tiny(), backend="sdpa-cudnn")  # needs a GPU; no fallback asked
+        sdcli.route(pipe, backend="nope")
+    with pytest.raises(sdcli.SdcliError) as no_gpu:  # can't run here at all: doctor's reason and fix
+        sdcli.route(pipe, backend="sdpa-cudnn")
+    assert "can't run here (needs a GPU)" in str(no_gpu.value) and "fix: run on a CUDA GPU" in str(no_gpu.value)
+    register_backend("narrow", sdpa, [head_dim_at_most(16)])
+    with pytest.raises(sdcli.SdcliError) as narrow:  # can't serve some layers: the parameter that lets others
+        sdcli.route(pipe, backend="narrow")
+    text = str(narrow.value)
+    assert "can't serve layer" in text and "fallback=True" in text and 'backend="auto"' in text
+    assert "--" not in text, text  # no CLI options in the API's words
 
 
 def test_doctor_is_the_cli_report(cli):

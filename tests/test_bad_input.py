@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPORTS, run_sdcli
+from conftest import REPORTS, Cli, run_sdcli
 from sdcli.images import read_parameters, read_recipe
 
 
@@ -134,9 +134,7 @@ def test_one_side_of_the_size_is_honoured_and_the_recipe_says_what_was_made(cli,
 def measured_plan(tmp_path_factory):
     """A plan file measured once for the run below (tiny model, 1 step), to damage in each test."""
     cache = tmp_path_factory.mktemp("cache")
-    result = run_sdcli(*PLAN_RUN, "-o", cache / "out", "--json", env={"SDCLI_CACHE_DIR": str(cache)})
-    assert result.returncode == 0, result.stderr
-    return Path(json.loads(result.stdout)["tuning"]["path"])
+    return Path(Cli().json(*PLAN_RUN, "-o", cache / "out", env={"SDCLI_CACHE_DIR": str(cache)})["tuning"]["path"])
 
 
 PLAN_RUN = ["generate", "a cat", "--model", "tiny", "--steps", "1", "--seed", "1"]
@@ -204,8 +202,7 @@ def test_damaged_plan_is_listed_by_doctor_then_measured_again_and_replaced(cli, 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
-    result = run_sdcli(*RESUME_RUN, "-o", out)
-    assert result.returncode == 0, result.stderr
+    Cli()(*RESUME_RUN, "-o", out)
     return out
 
 

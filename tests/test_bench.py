@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_plugin, pixels, run_sdcli, sdpa
+from conftest import pixels, sdpa
 from sdcli.bench import largest_batch
 
 TINY_BENCH = ["--model", "tiny", "--steps", "2", "--repeats", "1"]
@@ -77,27 +77,21 @@ def test_out_of_memory_is_known_by_every_allocator():
         assert not out_of_memory(exc), exc
 
 
-def test_bench_recovers_from_out_of_memory(tmp_path):
+def test_bench_recovers_from_out_of_memory(cli, tmp_path, register_backend):
     """A kernel that runs out of memory above 3 images, as under a memory limit on the CPU (the allocator's own
     error: a RuntimeError, not torch.OutOfMemoryError): bench marks OOM, finds batch 3, and carries on."""
-    env = make_plugin(tmp_path, "oomkernel", """
-        import torch
-        from sdcli.backends import Backend
-        def attention(q, k, v, attn_mask=None, scale=None):
-            if q.shape[0] > 6:  # the UNet sees 2 × batch (CFG), the VAE 1 × batch
-                torch.empty(1 << 50, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
-        backend = Backend("oomy", "runs out of memory above batch 3", attention=attention)
-    """, {"oomy": "backend"})
-    result = run_sdcli("bench", *TINY_BENCH, "--backends", "oomy", "--batch-sizes", "1,2,4,8", "--max-batch", "16",
-                       "--no-micro", "--json", "-o", tmp_path / "out", env=env)
-    assert result.returncode == 0, result.stderr
-    rows = {c["name"]: c for c in json.loads(result.stdout)["configs"]}
+    def attention(q, k, v, attn_mask=None, scale=None):
+        if q.shape[0] > 6:  # the UNet sees 2 × batch (CFG), the VAE 1 × batch
+            torch.empty(1 << 50, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
+        return sdpa(q, k, v, attn_mask, scale)
+
+    register_backend("oomy", attention)
+    rows = {c["name"]: c for c in cli.json("bench", *TINY_BENCH, "--backends", "oomy", "--batch-sizes", "1,2,4,8",
+                                           "--max-batch", "8", "--no-micro", "-o", tmp_path / "out")["configs"]}
     oomy = rows["oomy"]
     assert [(p["batch"], p["oom"]) for p in oomy["points"]] == [(1, False), (2, False), (4, True)]
     assert oomy["largest_batch"] == 3 and oomy["best"]["batch"] in (1, 2)  # which is faster is timing, not OOM
-    assert rows["auto"]["largest_batch"] == 16  # the runs after the OOM are unharmed
+    assert rows["auto"]["largest_batch"] == 8  # the runs after the OOM are unharmed
 
 
 def test_measured_auto_is_cached_reused_and_redone(cli, tmp_path, monkeypatch, register_backend):
@@ -218,23 +212,18 @@ def test_compile_counts_every_call_without_recompiling(cli, tmp_path):
     torch._dynamo.reset()
 
 
-def test_interrupted_bench_keeps_the_rows_it_measured(tmp_path):
+def test_interrupted_bench_keeps_the_rows_it_measured(cli, tmp_path, register_backend):
     """Ctrl-C (or a time limit's SIGINT) in the middle of a configuration: the rows before it are saved, JSON and
     plot, and the exit status is 130. Here the interrupt comes from a kernel, at batch 2 of its row. Stock diffusers
     and auto come first, so the speed-up auto buys is there."""
-    env = make_plugin(tmp_path, "ctrlc", """
-        import torch
-        from sdcli.backends import Backend
-        def attention(q, k, v, attn_mask=None, scale=None):
-            if q.shape[0] > 2:  # batch 2 with CFG
-                raise KeyboardInterrupt
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
-        backend = Backend("ctrl-c", "interrupted at batch 2", attention=attention, in_auto=False)
-    """, {"ctrl-c": "backend"})
-    result = run_sdcli("bench", *TINY_BENCH, "--backends", "sdpa,ctrl-c", "--batch-sizes", "1,2", "--no-find-max",
-                       "--no-micro", "--json", "-o", tmp_path / "out", env=env)
-    assert result.returncode == 130, result.stderr
+    def attention(q, k, v, attn_mask=None, scale=None):
+        if q.shape[0] > 2:  # batch 2 with CFG
+            raise KeyboardInterrupt
+        return sdpa(q, k, v, attn_mask, scale)
+
+    register_backend("ctrl-c", attention, in_auto=False)
+    result = cli("bench", *TINY_BENCH, "--backends", "sdpa,ctrl-c", "--batch-sizes", "1,2", "--no-find-max",
+                 "--no-micro", "--json", "-o", tmp_path / "out", code=130)
     data = json.loads(result.stdout)
     assert [c["name"] for c in data["configs"]] == ["diffusers", "auto", "sdpa"]
     assert data["interrupted"] == {"rows_done": 3, "rows_planned": 4}

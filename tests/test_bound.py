@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_plugin, run_sdcli, sdpa
+from conftest import make_plugin, sdpa
 
 PLANTED = Path(__file__).with_name("planted_faults.py")
 FAULTS = ["scale-x1.01", "scale-x1.02", "last-key-dropped", "bias-0.4pct", "keys-shuffled"]
 CORRECT = ["sdpa", "sdpa-flash", "flex"]
+# The smallest images that still prove it: 64² makes 64-token and 16-token UNet layers and a 64-token VAE layer;
+# every fault still fails (the sampled inputs decide, whatever the length), and a compare takes a third of 128²'s
+SMALLEST = ["--width", "64", "--height", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +35,21 @@ def sharp_tiny(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return make_plugin(tmp_path_factory.mktemp("plugin"), "planted_faults", PLANTED.read_text(),
-                       {"planted": "backends"})
+@pytest.fixture
+def planted(tmp_path, plugins):
+    """The planted faults, installed as a kernel author's plug-in (entry points), in this process."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    make_plugin(folder, "planted_faults", PLANTED.read_text(), {"planted": "backends"})
+    plugins(folder)
 
 
 @pytest.mark.parametrize("dtype, model", [("bf16", "tiny"), ("fp16", "tiny"), ("fp32", "tiny"), ("bf16", "sharp")])
-def test_planted_faults_fail_and_correct_kernels_pass(dtype, model, planted, sharp_tiny, tmp_path):
+def test_planted_faults_fail_and_correct_kernels_pass(cli, dtype, model, planted, sharp_tiny, tmp_path):
     model = "tiny" if model == "tiny" else sharp_tiny
-    result = run_sdcli("compare", "--seed", "42", "-m", model, "--dtype", dtype, "--steps", "1",
-                       "--backends", ",".join(CORRECT + FAULTS), "--json", "-o", tmp_path, env=planted)
-    assert result.returncode == 1, result.stderr
-    assert f"{len(FAULTS)} backend(s) broke their bound or failed: {', '.join(FAULTS)}" in result.stderr
+    result = cli("compare", "--seed", "42", "-m", model, "--dtype", dtype, "--steps", "1", *SMALLEST,
+                 "--backends", ",".join(CORRECT + FAULTS), "--json", "-o", tmp_path / "out", code=1)
+    assert f"{len(FAULTS)} backends broke their bound or failed: {', '.join(FAULTS)}" in result.stderr
     rows = {r["backend"]: r for r in json.loads(result.stdout)["rows"]}
     for name in CORRECT:
         assert rows[name]["verdict"] == "pass", rows[name]["why"]
@@ -53,12 +58,10 @@ def test_planted_faults_fail_and_correct_kernels_pass(dtype, model, planted, sha
         assert "× rounding at " in rows[name]["why"] and "bound 2×" in rows[name]["why"]
 
 
-def test_auto_in_bf16_never_serves_a_planted_fault(planted, tmp_path):
-    env = {**planted, "SDCLI_CACHE_DIR": str(tmp_path / "cache")}
-    result = run_sdcli("generate", "a cat", "-m", "tiny", "--dtype", "bf16", "--steps", "1", "--seed", "1", "--json",
-                       "-o", tmp_path, env=env)
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+def test_auto_in_bf16_never_serves_a_planted_fault(cli, planted, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path / "cache"))
+    data = cli.json("generate", "a cat", "-m", "tiny", "--dtype", "bf16", "--steps", "1", "--seed", "1", *SMALLEST,
+                    "-o", tmp_path / "out")
     assert data["dtype"] == "bf16" and len(data["tuning"]["shapes"]) == 5
     for e in data["tuning"]["shapes"]:
         measured = {m["backend"]: m for m in e["measurements"]}

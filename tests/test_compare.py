@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import make_plugin, run_sdcli, sdpa
+from conftest import make_plugin, sdpa
 
 TINY = ["--model", "tiny", "--steps", "3", "--seed", "42"]
 
@@ -34,8 +34,8 @@ def test_every_cpu_backend_passes_and_outputs_are_written(cli, tmp_path):
     assert json.loads(open(data["json"]).read())["rows"] == json.loads(json.dumps(data["rows"]))
 
 
-def test_wrong_backends_from_a_plugin_fail_by_name(tmp_path):
-    env = make_plugin(tmp_path, "badkernels", """
+def test_wrong_backends_from_a_plugin_fail_by_name(cli, tmp_path, plugins):
+    make_plugin(tmp_path, "badkernels", """
         import torch
         from sdcli.backends import Backend
         def sdpa(q, k, v, scale=None):
@@ -49,10 +49,9 @@ def test_wrong_backends_from_a_plugin_fail_by_name(tmp_path):
         backends = [Backend("noscale", "attention without its scale", attention=no_scale),
                     Backend("shuffled", "keys shuffled", attention=shuffled_keys)]
     """, {"bad": "backends"})
-    out = tmp_path / "out"
-    result = run_sdcli("compare", *TINY, "--backends", "sdpa,noscale,shuffled", "--json", "-o", out, env=env)
-    assert result.returncode == 1, result.stderr
-    assert "2 backend(s) broke their bound or failed: noscale, shuffled" in result.stderr
+    plugins(tmp_path)
+    result = cli("compare", *TINY, "--backends", "sdpa,noscale,shuffled", "--json", "-o", tmp_path / "out", code=1)
+    assert "2 backends broke their bound or failed: noscale, shuffled" in result.stderr
     rows = rows_of(json.loads(result.stdout))
     assert rows["sdpa"]["verdict"] == "pass"
     for name in ("noscale", "shuffled"):
@@ -161,9 +160,9 @@ def test_tables_and_never_overwrite(cli, tmp_path):
     (["--reference", "flash-attn"], "reference backend flash-attn can't run here"),
     (["--exact-tol", "0"], "must be positive"),
 ])
-def test_bad_input(tmp_path, args, message):
-    result = run_sdcli("compare", *TINY, "-o", tmp_path, *args)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+def test_bad_input(cli, tmp_path, args, message):
+    result = cli("compare", *TINY, "-o", tmp_path, *args, code=2)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.gpu

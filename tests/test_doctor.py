@@ -28,7 +28,8 @@ def test_doctor_on_this_machine_json(cli):
     assert {"sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex", "flash-attn",
             "flash-attn-3", "xformers", "sage"} <= set(names)
     for r in rows:
-        assert r["status"] in ("usable", "not installed", "unsupported on this GPU", "wrong version", "broken install")
+        assert r["status"] in ("usable", "not installed", "needs a GPU", "unsupported on this GPU", "wrong version",
+                               "broken install")
         if r["status"] != "usable":
             assert r["reason"] and r["fix"], r
     assert next(r for r in rows if r["backend"] == "sdpa")["status"] == "usable"
@@ -126,14 +127,12 @@ def test_saved_doctor_json_reads_back_with_same_verdicts(cli, tmp_path):
     ("not json {", "is not a JSON report"),
     ('{"hello": 1}', "is not an sdcli report"),
 ])
-def test_bad_report_is_one_line_and_exit_2(tmp_path, content, message):
+def test_bad_report_is_one_line_and_exit_2(cli, tmp_path, content, message):
     path = tmp_path / "r.json"
     if content is not None:
         path.write_text(content)
-    result = run_sdcli("doctor", "--report", path)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    result = cli("doctor", "--report", path, code=2)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_probe_and_report_cannot_combine(cli):
@@ -142,16 +141,15 @@ def test_probe_and_report_cannot_combine(cli):
 
 
 def test_probe_runs_usable_backends_against_fp32(cli):
-    data = cli.json("doctor", "--probe", "--family", "SD1")  # one family keeps it quick; every family is the default
+    data = cli.json("doctor", "--probe", "--family", "VAE")  # its one shape keeps it quick; every family by default
     probed = {r["backend"] for r in data["probe"]}
     usable = {r["backend"] for r in data["verdicts"]["backends"] if r["status"] == "usable"}
     assert probed == usable
     for r in data["probe"]:
         assert r["ok"] and r["rel_error"] < 1e-5 and r["ms"] > 0, r  # fp32 on CPU: rounding only
-    # SD 1.x's self-attention shapes alone, sequences capped at 1024 on the CPU
-    assert {r["shape"] for r in data["probe"]} == {
-        "8×40 q1024·kv1024 fp32", "8×80 q1024·kv1024 fp32", "8×160 q256·kv256 fp32"}
-    assert all(set(r["serves"]) == {"SD 1.x 512²"} for r in data["verdicts"]["backends"] if r["serves"])
+    # the VAE's self-attention alone, its sequence capped at 1024 on the CPU
+    assert {r["shape"] for r in data["probe"]} == {"1×512 q1024·kv1024 fp32"}
+    assert all(set(r["serves"]) == {"VAE 512²"} for r in data["verdicts"]["backends"] if r["serves"])
 
 
 def test_interrupted_probe_keeps_the_shapes_it_measured_and_says_how_to_go_on(cli, register_backend):

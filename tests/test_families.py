@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import pixels, run_sdcli
+from conftest import pixels
 from sdcli.images import read_parameters, read_recipe
 
 FAMILIES = {"tiny": "SD 1.x/2.x", "tiny-sdxl": "SDXL", "tiny-sd3": "SD 3/3.5", "tiny-flux": "Flux.1"}
@@ -96,10 +96,9 @@ def test_compare_gives_every_usable_backend_a_verdict(cli, tmp_path, model):
     (["-m", "tiny-flux", "--negative-prompt", "blurry"], "Flux.1 has distilled guidance and no negative prompt"),
     (["-m", "tiny-flux", "--width", "120"], "--width must be a multiple of 16 for Flux.1, not 120"),
 ])
-def test_settings_a_family_cant_take_are_one_line(tmp_path, args, message):
-    result = run_sdcli("generate", "a cat", *args, "-o", tmp_path)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_settings_a_family_cant_take_are_one_line(cli, tmp_path, args, message):
+    result = cli("generate", "a cat", *args, "-o", tmp_path, code=2)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize("command", ["generate", "bench"])
@@ -110,21 +109,20 @@ def test_fused_projections_are_refused_for_sd3_whose_fused_processor_skips_the_n
         result.output and not list(tmp_path.glob("*.png"))
 
 
-def test_unknown_pipeline_is_refused_before_any_weights_load(tmp_path):
+def test_unknown_pipeline_is_refused_before_any_weights_load(cli, tmp_path):
     folder = tmp_path / "wan"
     (folder / "transformer").mkdir(parents=True)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
                                                          "transformer": ["diffusers", "WanTransformer3DModel"]}))
     # weights that would fail to load: the refusal must come first
     (folder / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
-    result = run_sdcli("generate", "a cat", "-m", folder, "-o", tmp_path / "out")
-    assert result.returncode == 2, result.stderr
+    result = cli("generate", "a cat", "-m", folder, "-o", tmp_path / "out", code=2)
     assert result.stderr.strip() == (f"error: {folder} holds a WanPipeline, which sdcli does not run; it runs "
                                      "StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), "
                                      "StableDiffusion3Pipeline (SD 3/3.5), FluxPipeline (Flux.1)")
 
 
-def test_checkpoints_are_recognised_from_their_keys(tmp_path):
+def test_checkpoints_are_recognised_from_their_keys(cli, tmp_path):
     """Names and shapes only (zero-size tensors here): diffusers' own inference of what a file holds."""
     import torch
     from safetensors.torch import save_file
@@ -143,8 +141,8 @@ def test_checkpoints_are_recognised_from_their_keys(tmp_path):
         "model.diffusion_model.pos_embed": (1, 147456, 0)})
     assert models.recognise(flux).name == "Flux.1" and models.recognise(sd35).name == "SD 3/3.5"
     video = checkpoint("ltx", {"model.diffusion_model.patchify_proj.weight": (0,)})
-    result = run_sdcli("generate", "a cat", "-m", video, "-o", tmp_path / "out")
-    assert result.returncode == 2 and "is a 'ltx-video' checkpoint (diffusers' name for it), which sdcli does not " \
+    result = cli("generate", "a cat", "-m", video, "-o", tmp_path / "out", code=2)
+    assert "is a 'ltx-video' checkpoint (diffusers' name for it), which sdcli does not " \
                                       "run; it runs StableDiffusionPipeline" in result.stderr, result.stderr
 
 

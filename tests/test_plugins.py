@@ -1,9 +1,9 @@
 """Plug-ins are isolated and judged: a faulty one is a verdict, never the end of a command; auto's plan follows
 their versions; auto never serves a kernel that compare would fail; doctor --probe says why a kernel is wrong."""
 
-import json
+import re
 
-from conftest import make_plugin, run_sdcli
+from conftest import make_plugin
 
 TINY = ["-m", "tiny", "--steps", "1", "--seed", "1"]
 
@@ -17,8 +17,8 @@ BASE = """
 """
 
 
-def test_a_broken_plugin_is_a_verdict_not_the_end_of_the_command(tmp_path):
-    env = make_plugin(tmp_path, "faulty", BASE + """
+def test_a_broken_plugin_is_a_verdict_not_the_end_of_the_command(cli, tmp_path, plugins, monkeypatch):
+    make_plugin(tmp_path, "faulty", BASE + """
     def check_that_raises(machine, shape):
         raise RuntimeError("driver query failed")
 
@@ -28,38 +28,33 @@ def test_a_broken_plugin_is_a_verdict_not_the_end_of_the_command(tmp_path):
     backends = [Backend("bad-check", "a check that raises", attention=attention, checks=[check_that_raises]),
                 Backend("bad-kernel", "a kernel that raises", attention=kernel_that_raises)]
     """, {"faulty": "backends"})
-    env["SDCLI_CACHE_DIR"] = str(tmp_path / "cache")
-    doctor = run_sdcli("doctor", "--json", env=env)
-    assert doctor.returncode == 0, doctor.stderr
-    rows = {r["backend"]: r for r in json.loads(doctor.stdout)["verdicts"]["backends"]}
+    plugins(tmp_path)
+    monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path / "cache"))
+    rows = {r["backend"]: r for r in cli.json("doctor")["verdicts"]["backends"]}
     assert rows["bad-check"]["status"] == "broken install"
     assert rows["bad-check"]["reason"].startswith("broken plug-in: its check check_that_raises raised RuntimeError")
     assert rows["bad-check"]["fix"] == "fix or uninstall faulty"
-    plain = run_sdcli("generate", "a cat", *TINY, "--backend", "sdpa", "-o", tmp_path / "sdpa", env=env)
-    assert plain.returncode == 0, plain.stderr
-    auto = run_sdcli("generate", "a cat", *TINY, "--json", "-o", tmp_path / "auto", env=env)
-    assert auto.returncode == 0, auto.stderr
-    for e in json.loads(auto.stdout)["tuning"]["shapes"]:
+    cli("generate", "a cat", *TINY, "--backend", "sdpa", "-o", tmp_path / "sdpa")
+    for e in cli.json("generate", "a cat", *TINY, "-o", tmp_path / "auto")["tuning"]["shapes"]:
         measured = {m["backend"]: m for m in e["measurements"]}
         assert "bad-check" not in measured  # its verdict is not usable: never a candidate
         assert "no kernel image" in measured["bad-kernel"]["error"] and e["choice"] in ("sdpa", "sdpa-flash")
-    named = run_sdcli("generate", "a cat", *TINY, "--backend", "bad-check", "-o", tmp_path / "named", env=env)
-    assert named.returncode == 1 and "broken plug-in" in named.stderr and "Traceback" not in named.stderr
+    named = cli("generate", "a cat", *TINY, "--backend", "bad-check", "-o", tmp_path / "named", code=2)
+    assert "can't run here (broken install): broken plug-in" in named.stderr and "Traceback" not in named.stderr
 
 
-def test_plan_follows_the_plugins_version_and_its_editable_source(tmp_path):
+def test_plan_follows_the_plugins_version_and_its_editable_source(cli, tmp_path, plugins, monkeypatch):
     source = BASE + """
     backend = Backend("versioned", "a kernel author's attention", attention=attention)
     """
     folder = tmp_path / "site"
     folder.mkdir()
-    env = {**make_plugin(folder, "versioned", source, {"versioned": "backend"}, version="1.0.0"),
-           "SDCLI_CACHE_DIR": str(tmp_path / "cache")}
+    make_plugin(folder, "versioned", source, {"versioned": "backend"}, version="1.0.0")
+    monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path / "cache"))
 
     def plan():
-        result = run_sdcli("generate", "a cat", *TINY, "--json", "-o", tmp_path / "out", env=env)
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)["tuning"]
+        plugins(folder)  # as a new process finds the installed plug-in
+        return cli.json("generate", "a cat", *TINY, "-o", tmp_path / "out")["tuning"]
 
     first = plan()
     assert first["cached"] is False and "versioned@versioned==1.0.0" in first["key"]["plugins"]
@@ -79,9 +74,9 @@ def test_plan_follows_the_plugins_version_and_its_editable_source(tmp_path):
     assert plan()["cached"] is False
 
 
-def test_auto_never_serves_a_kernel_that_returns_a_stale_buffer(tmp_path):
+def test_auto_never_serves_a_kernel_that_returns_a_stale_buffer(cli, tmp_path, plugins, monkeypatch):
     """Right on its first call at a shape, then the same output whatever the inputs (and so the fastest)."""
-    env = make_plugin(tmp_path, "stale", BASE + """
+    make_plugin(tmp_path, "stale", BASE + """
     first = {}
 
     def stale(q, k, v, attn_mask=None, scale=None):
@@ -92,27 +87,30 @@ def test_auto_never_serves_a_kernel_that_returns_a_stale_buffer(tmp_path):
 
     backend = Backend("stale", "returns its first result again", attention=stale)
     """, {"stale": "backend"})
-    env["SDCLI_CACHE_DIR"] = str(tmp_path / "cache")
-    result = run_sdcli("generate", "a cat", *TINY, "--json", "-o", tmp_path / "out", env=env)
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+    plugins(tmp_path)
+    monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path / "cache"))
+    data = cli.json("generate", "a cat", *TINY, "-o", tmp_path / "out")
     for e in data["tuning"]["shapes"]:
         stale = next(m for m in e["measurements"] if m["backend"] == "stale")
         assert not stale["ok"] and "rounding, bound 2×" in stale["why"], stale
     assert "stale" not in data["attention"]["served"]
-    compare = run_sdcli("compare", *TINY, "--backends", "stale", "--json", "-o", tmp_path / "cmp", env=env)
-    assert compare.returncode == 1 and "stale" in compare.stderr
+    compare = cli("compare", *TINY, "--backends", "stale", "--json", "-o", tmp_path / "cmp", code=1)
+    assert "stale" in compare.stderr
 
 
-def test_probe_gives_the_true_reason_for_a_finite_but_wrong_kernel(tmp_path):
-    env = make_plugin(tmp_path, "unscaled", BASE + """
+def test_probe_gives_the_true_reason_for_a_finite_but_wrong_kernel(cli, tmp_path, plugins):
+    make_plugin(tmp_path, "unscaled", BASE + """
     def unscaled(q, k, v, attn_mask=None, scale=None):
         return attention(q, k, v, attn_mask, scale=1.0)  # forgot the 1/sqrt(d)
 
     backend = Backend("unscaled", "attention without its scale", attention=unscaled)
     """, {"unscaled": "backend"})
-    result = run_sdcli("doctor", "--probe", "--family", "vae", env=env)
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("│ unscaled") and " fp32 " in line]
-    assert rows and all("× rounding, bound 2×" in line for line in rows), result.stdout
-    assert "non-finite" not in result.stdout
+    plugins(tmp_path)
+    out = cli("doctor", "--probe", "--family", "vae", env={"COLUMNS": "200"}).stdout
+    rows = [line for line in out.splitlines() if line.startswith("│ unscaled") and " fp32 " in line]
+    assert rows and all("× rounding, bound 2×" in line for line in rows), out
+    assert "non-finite" not in out
+    # the verdict is the probe's, and a failed row shows no speed
+    verdict = next(line for line in out.splitlines() if line.startswith("│ unscaled") and "failed the probe" in line)
+    assert "usable" not in verdict
+    assert all(re.search(r"bound 2×\s*│\s*│\s*│$", line) for line in rows), rows
