@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from sdcli import SdcliError, plural
+from sdcli.errors import SdcliError, plural
 
 AUTO = "auto"
 
@@ -165,7 +165,7 @@ def doctor(device: str | None = None, dtype: str | None = None, probe: bool = Fa
     report, verdicts, probe (with `probe=True`: each usable backend measured at SD's shapes; with `family`,
     e.g. "sdxl", that family's shapes only), plans and skipped_cache_files (files in auto's plan cache that
     are not plans, and why)."""
-    from sdcli import doctor as diagnosis
+    from sdcli import diagnosis
 
     return diagnosis.diagnose(Path(report) if report else None, probe, device, dtype, on_progress, family)
 
@@ -179,7 +179,7 @@ def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars"
     every one usable here); a row per backend with its verdict and evidence. With `output_dir`, also the grid
     PNG and the JSON report there (their paths under "grid" and "json"); without, the images as arrays under
     "images". The pipeline's routing is put back as it was."""
-    from sdcli import compare as comparison
+    from sdcli import comparison
     from sdcli import pipeline
 
     given = {"exact_tol": exact_tol, "quantized_tol": quantized_tol}

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Callable
 
-from sdcli import error_line, kernels
+from sdcli import kernels
+from sdcli.errors import error_line
 from sdcli.hardware import Machine
 
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only

@@ -14,7 +14,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field, replace
 
-from sdcli import backends, families, hardware, out_of_memory, pipeline, routing, speed, timing, tuning
+from sdcli import backends, families, hardware, pipeline, routing, speed, timing, tuning
+from sdcli.devices import out_of_memory, release_memory
 from sdcli.images import write_new
 
 STOCK = "diffusers"
@@ -177,7 +178,7 @@ class Runner:
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
-            pipeline.release_memory()
+            release_memory()
             return {"batch": batch, "oom": True}
         seconds = statistics.median(times)
         point = {
@@ -200,7 +201,7 @@ class Runner:
         except Exception as exc:
             if not out_of_memory(exc):
                 raise
-            pipeline.release_memory()
+            release_memory()
             return False
 
 

@@ -15,7 +15,9 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from typer.core import TyperGroup
 
-from sdcli import SdcliError, __version__, families, interrupt, validate, views
+from sdcli import families, interrupt, validate, views
+from sdcli._version import __version__
+from sdcli.errors import SdcliError
 from sdcli.numerics import EXACT_TOL, QUANTIZED_TOL
 
 # flex warns on every eager call; `sdcli doctor` already labels it "slow unless compiled"
@@ -320,7 +322,7 @@ def compare(
     quiet: QuietOpt = False,
 ) -> None:
     """The same seed through every backend: same image or not, how far off, how fast. Exit 1 if any breaks its bound."""
-    from sdcli import compare as cmp
+    from sdcli import comparison as cmp
     from sdcli import pipeline
 
     thresholds = cmp.Thresholds(exact_tol, quantized_tol)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcli import SdcliError
+from sdcli.errors import SdcliError
 
 MANIFEST = "manifest.jsonl"
 PARTS = ".sdcli-manifest"  # one part file per rank, next to the images

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError
+from sdcli.errors import SdcliError
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
 SD_SCHEDULERS = {
@@ -57,7 +57,7 @@ class Family:
         """The pipeline's own default guidance scale, read from its signature (diffusers decides)."""
         import inspect
 
-        from sdcli.models import quiet_libraries
+        from sdcli.libraries import quiet_libraries
 
         quiet_libraries()
         import diffusers

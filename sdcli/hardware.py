@@ -16,8 +16,9 @@ import os
 import platform
 import sys
 
-from sdcli import __version__
-from sdcli import error_line, first_line, kernels
+from sdcli import kernels
+from sdcli._version import __version__
+from sdcli.errors import error_line, first_line
 
 SCHEMA = "sdcli.report/1"
 

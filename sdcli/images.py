@@ -12,7 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from sdcli import SdcliError, __version__, families, hardware, lora
+from sdcli import families, hardware, lora
+from sdcli._version import __version__
+from sdcli.errors import SdcliError
 
 
 def _quote(value) -> str:

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcli import SdcliError
+from sdcli.errors import SdcliError
 
 GiB = 2**30
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}

@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import SdcliError, backends, families, first_line, hardware, lora, numerics, plural, speed, timing, \
-    validate
+from sdcli import backends, families, hardware, lora, numerics, speed, timing, validate
+from sdcli.errors import SdcliError, first_line, plural
 from sdcli.images import recipe, save_png
 
 SCHEDULER_NAMES = list(dict.fromkeys(name for f in families.FAMILIES for name in f.schedulers))  # every family's
@@ -360,17 +360,6 @@ def vae_in_its_dtype(pipe, vae_dtype: str) -> None:
     vae = pipe.vae.to(numerics.torch_dtype(vae_dtype))
     first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
     first.register_forward_pre_hook(lambda module, args: (args[0].to(vae.dtype), *args[1:]))
-
-
-def release_memory() -> None:
-    """Give back what a failed or finished attempt held (after an out-of-memory, before the next try)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def peak_memory_gb(device: str) -> float:

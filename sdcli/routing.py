@@ -32,8 +32,10 @@ import torch
 from torch.compiler import is_compiling
 from torch.nn.attention import SDPBackend
 
-from sdcli import SdcliError, backends, error_line, out_of_memory
+from sdcli import backends
 from sdcli.backends import Backend, Shape
+from sdcli.devices import out_of_memory
+from sdcli.errors import SdcliError, error_line
 from sdcli.hardware import Machine
 from sdcli.numerics import dtype_name
 

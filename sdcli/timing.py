@@ -24,8 +24,10 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sdcli import error_line, numerics, out_of_memory
+from sdcli import numerics
 from sdcli.backends import Shape
+from sdcli.devices import out_of_memory, release_memory
+from sdcli.errors import error_line
 
 ROUNDS = 5
 WARMUPS = 1     # then one more call, timed alone, sizes the rounds
@@ -111,9 +113,7 @@ def _cycles_per_second(device: str) -> float:
 
 
 def _dropped(row: dict, exc: BaseException) -> dict:
-    from sdcli import pipeline
-
-    pipeline.release_memory()  # an out-of-memory leaves the allocator's cache full
+    release_memory()  # an out-of-memory leaves the allocator's cache full
     return {**row, "ok": False, "error": error_line(exc)}
 
 

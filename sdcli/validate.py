@@ -11,7 +11,7 @@ import re
 
 import typer
 
-from sdcli import SdcliError
+from sdcli.errors import SdcliError
 
 # ----- options --------------------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sdcli import SdcliError, interrupt, plural
+from sdcli import interrupt
+from sdcli.errors import SdcliError, plural
 
 # Piped output (a file, a log) gets 120 columns instead of rich's 80, so tables stay readable.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -58,7 +59,7 @@ def serves_text(serves: dict | None) -> str:
         return ""
     partial = {f: v for f, v in serves.items() if v["ok"] < v["of"]}
     if not partial:
-        from sdcli.doctor import REFERENCE_SHAPES
+        from sdcli.diagnosis import REFERENCE_SHAPES
 
         judged = "SD 1.x to 3.5, Flux.1 and the VAE" if set(serves) == set(REFERENCE_SHAPES) else ", ".join(serves)
         return f"serves every layer of {judged}"
@@ -131,7 +132,7 @@ def print_doctor(result: dict) -> None:
     out.print(bt)
 
     if probe:
-        from sdcli.doctor import CPU_PROBE_SEQ
+        from sdcli.diagnosis import CPU_PROBE_SEQ
 
         capped = "" if verdicts["device"].startswith("cuda") else f", sequences capped at {CPU_PROBE_SEQ} on the CPU"
         pt = Table(title=f"Probe: each backend at SD shapes, error against exact attention{capped}",

@@ -87,7 +87,7 @@ def test_bad_values_and_usage_errors_are_one_line_and_exit_2(cli, tmp_path, args
 
 def test_python_api_refuses_what_the_options_refuse(tmp_path):
     from sdcli import SdcliError
-    from sdcli.compare import Thresholds
+    from sdcli.comparison import Thresholds
     from sdcli.pipeline import Settings
 
     with pytest.raises(SdcliError, match="--guidance must be a finite number"):

@@ -156,7 +156,7 @@ def test_interrupted_probe_keeps_the_shapes_it_measured_and_says_how_to_go_on(cl
     """Ctrl-C (or a time limit's SIGINT) at the probe's second shape: the first shape's rows are printed (JSON too),
     the exit status is 130, and the message says which --family runs finish the job."""
     from conftest import sdpa
-    from sdcli.doctor import FAMILY_OPTIONS, REFERENCE_SHAPES, reference_shapes
+    from sdcli.diagnosis import FAMILY_OPTIONS, REFERENCE_SHAPES, reference_shapes
 
     def ctrl_c_at_80(q, k, v, attn_mask=None, scale=None):
         if q.shape[-1] == 80:

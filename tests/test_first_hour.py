@@ -160,7 +160,7 @@ def test_an_interrupted_bench_keeps_no_empty_plot(cli, tmp_path, monkeypatch, re
 
 def test_the_readme_exit_codes_cover_every_exit_sdcli_makes():
     import sdcli
-    from sdcli import compare, pipeline, routing  # noqa: F401 (their error classes)
+    from sdcli import comparison, pipeline, routing  # noqa: F401 (their error classes)
 
     def subclasses(cls):
         return {cls, *(s for c in cls.__subclasses__() for s in subclasses(c))}

@@ -42,3 +42,46 @@ def test_gpu_evidence_script_parses_and_picks_the_fastest_compared_backends(tmp_
     picked = subprocess.run([sys.executable, ROOT / "scripts" / "gpu_evidence.py", "fastest", compared, "3"],
                             capture_output=True, text=True, check=True)
     assert picked.stdout.strip() == "xformers,sdpa-flash,sdpa-efficient"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """sdcli's modules and what each imports of sdcli's, at module level and inside functions alike (an import
+    inside a function is where a cycle hides). `from sdcli import x` names module x where there is one, else the
+    package itself (its __init__)."""
+    import ast
+
+    package = ROOT / "sdcli"
+    name = lambda path: "sdcli" if path.stem == "__init__" else f"sdcli.{path.stem}"  # noqa: E731
+    modules = {name(path): path for path in package.glob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name.startswith("sdcli.")}
+            elif isinstance(node, ast.ImportFrom) and node.module == "sdcli":
+                edges |= {f"sdcli.{a.name}" if f"sdcli.{a.name}" in modules else "sdcli" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sdcli."):
+                edges.add(node.module)
+        graph[module] = edges - {module}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError("import cycle: " + " → ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            visit(target)
+        path.pop()
+        done.add(module)
+
+    assert len(graph) > 20
+    for module in sorted(graph):
+        visit(module)

@@ -11,8 +11,9 @@ import json
 import re
 from pathlib import Path
 
-from sdcli import SdcliError, callable_module, hardware, numerics, plural, timing, validate
+from sdcli import hardware, numerics, timing, validate
 from sdcli.backends import BROKEN, Backend, Shape, all_backends, plugin_errors, usable_here
+from sdcli.errors import SdcliError, plural
 from sdcli.hardware import Machine
 
 # The attention shapes of the models sdcli is for (../shared/FACTS.md): (heads, head_dim, q_len, kv_len).
@@ -165,6 +166,3 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
     if cut:
         result["probe_interrupted"] = cut
     return result
-
-
-callable_module(__name__, "doctor")  # `sdcli.doctor(...)` stays the API function once this module is imported

@@ -20,10 +20,11 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, out_of_memory, pipeline, \
-    plural, routing, timing
-from sdcli.images import write_new
+from sdcli import backends, hardware, numerics, pipeline, routing, timing
 from sdcli.backends import EXACT, Backend
+from sdcli.devices import out_of_memory, release_memory
+from sdcli.errors import SdcliError, error_line, plural
+from sdcli.images import write_new
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
 NOT_APPLICABLE = "n/a"       # usable here, but no layer of this model has a shape it takes: nothing to judge
@@ -109,7 +110,7 @@ def _judge_cases(cases, candidates, machine, t, rows: dict, failed: dict) -> Non
             except Exception as exc:
                 if out_of_memory(exc):
                     failed[backend.name] = error_line(exc)
-                    pipeline.release_memory()
+                    release_memory()
                     continue
                 rows[backend.name].append({**row, "status": "failed", "why": f"kernel failed: {error_line(exc)}"})
                 continue
@@ -252,7 +253,7 @@ def render_all(run: pipeline.Run, item: pipeline.Item, ref: Backend, others: lis
             break
         except Exception as exc:  # a backend that crashes is reported; the others still run
             outcome = Outcome(backend.name, backend.kind, error=error_line(exc))
-            pipeline.release_memory()
+            release_memory()
         outcomes.append(outcome)
     return outcomes, ref_router
 
@@ -364,6 +365,3 @@ def save(result: dict, folder) -> dict:
     js = write_new(folder, stem, ".json", lambda p: p.write_text(json.dumps(public, indent=2, default=str)))
     public["json"] = str(js)
     return public
-
-
-callable_module(__name__, "compare")  # `sdcli.compare(...)` stays the API function once this module is imported
