@@ -77,10 +77,9 @@ def device_of(pipe) -> str:
 @lru_cache(maxsize=None)
 def machine_report(device: str) -> dict:
     """The hardware report, probed once per process and device (only that GPU is touched)."""
-    from sdcli import hardware
+    from sdcli import devices, hardware
 
-    index = int(device.split(":")[1]) if device.startswith("cuda:") else None
-    return hardware.probe(only_gpu=index)
+    return hardware.probe(only_gpu=devices.gpu_index(device))
 
 
 def load(model: str, device: str | None = None, dtype: str | None = None, loras: list[str] | None = None):
@@ -88,14 +87,14 @@ def load(model: str, device: str | None = None, dtype: str | None = None, loras:
     the Hub cache), a diffusers folder, or a .safetensors/.ckpt checkpoint. `device`: cpu, cuda or cuda:N (default:
     a GPU if torch can use one); `dtype`: fp16, bf16 or fp32 (default: as `sdcli generate` picks); `loras`:
     "FILE[:SCALE]" each, loaded through diffusers (PEFT). Nothing is routed yet: that is `route`."""
-    from sdcli import hardware, lora, models, numerics, pipeline, validate
+    from sdcli import devices, hardware, lora, models, numerics
 
-    validate.device(device)
+    devices.parse(device)
     if dtype is not None and dtype not in numerics.DTYPES:
         raise SdcliError(f"dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
     models.recognise(model)  # an unsupported model fails before its weights load
     report = hardware.probe(measure=dtype is None)  # the default dtype is the one measured to work
-    device = pipeline.choose_device(report, device)
+    device = devices.choose(report, device)
     pipe, _ = models.load(model, dtype or hardware.default_dtype(hardware.Machine(report, device)), device)
     lora.load(pipe, lora.parse_all(loras))
     return pipe

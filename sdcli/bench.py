@@ -14,8 +14,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field, replace
 
-from sdcli import backends, families, hardware, pipeline, routing, speed, timing, tuning
-from sdcli.devices import out_of_memory, release_memory
+from sdcli import backends, devices, families, hardware, pipeline, routing, speed, timing, tuning
 from sdcli.images import write_new
 
 STOCK = "diffusers"
@@ -161,9 +160,6 @@ class Runner:
 
     def point(self, config: Config, batch: int) -> dict:
         """Throughput of `config` at `batch`: a short warm-up, then the median of `repeats` full runs."""
-        import torch
-
-        cuda = self.run.device.startswith("cuda")
         try:
             router = self.use(config, batch)
             # warm-up: kernel loading, autotuning; compiled, a forward per shape runs eagerly, the next compiles,
@@ -172,19 +168,16 @@ class Runner:
                 self.render(batch, steps=1 if config.compiled else 2)
             if router:
                 router.reset_counts()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(self.run.device)
-            times = [self.render(batch) for _ in range(self.repeats)]
+            with devices.peak_memory(self.run.device) as peak:  # CUDA graphs' pools too
+                times = [self.render(batch) for _ in range(self.repeats)]
         except Exception as exc:
-            if not out_of_memory(exc):
+            if not devices.recovered(exc):
                 raise
-            release_memory()
             return {"batch": batch, "oom": True}
         seconds = statistics.median(times)
         point = {
             "batch": batch, "oom": False, "seconds": seconds, "times": times,
-            "images_per_s": batch / seconds, "s_per_image": seconds / batch,
-            "peak_gb": pipeline.peak_memory_gb(self.run.device) if cuda else None,  # CUDA graphs' pools too
+            "images_per_s": batch / seconds, "s_per_image": seconds / batch, "peak_gb": peak.gb,
             "served": dict(router.served()) if router else None,  # stock diffusers: its own processors, uncounted
         }
         if config.backend == routing.AUTO:
@@ -199,9 +192,8 @@ class Runner:
             self.render(batch, steps=1)
             return True
         except Exception as exc:
-            if not out_of_memory(exc):
+            if not devices.recovered(exc):
                 raise
-            release_memory()
             return False
 
 
@@ -216,7 +208,7 @@ def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3,
         settings.validate()  # unknown names fail here, before loading anything
     settings.apply_family()  # and options the model's family can't take
     report = report or hardware.probe()
-    machine = hardware.Machine(report, pipeline.choose_device(report, settings.device))
+    machine = hardware.Machine(report, devices.choose(report, settings.device))
     for name in names or []:  # and names that can't run here at all, with doctor's fix
         pipeline.check_runs_here(name, machine, "--backends")
     options = tuple(o for o, on in zip(OPTIONS, (settings.fuse_qkv, settings.channels_last, settings.compile,

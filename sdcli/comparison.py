@@ -20,9 +20,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from sdcli import backends, hardware, numerics, pipeline, routing, timing
+from sdcli import backends, devices, hardware, numerics, pipeline, routing, timing
 from sdcli.backends import EXACT, Backend
-from sdcli.devices import out_of_memory, release_memory
 from sdcli.errors import SdcliError, error_line, plural
 from sdcli.images import write_new
 
@@ -108,9 +107,8 @@ def _judge_cases(cases, candidates, machine, t, rows: dict, failed: dict) -> Non
                     base = base or numerics.baseline(*call)
                     acc = numerics.accuracy(backend.run(*call[:3], attn_mask=call[3]), *call, base=base)
             except Exception as exc:
-                if out_of_memory(exc):
+                if devices.recovered(exc):
                     failed[backend.name] = error_line(exc)
-                    release_memory()
                     continue
                 rows[backend.name].append({**row, "status": "failed", "why": f"kernel failed: {error_line(exc)}"})
                 continue
@@ -153,9 +151,6 @@ class Outcome:
 
 def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, warmup: bool) -> Outcome:
     """One image through `router`, after an untimed 1-step warm-up (kernel loading, autotuning)."""
-    import torch
-
-    cuda = run.device.startswith("cuda")
     if warmup:
         routing.route(run.pipe, router.fresh())
         pipeline.render(run, [item], steps=1)
@@ -166,15 +161,12 @@ def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, 
         if step == 0:
             first["latent"] = latents.detach().float().clone()
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(run.device)
-        before = torch.cuda.memory_allocated(run.device)
-    with timing.stopwatch(run.device) as watch:
+    with devices.peak_memory(run.device, above_start=True) as peak, timing.stopwatch(run.device) as watch:
         images, problems = pipeline.render(run, [item], on_step)
     first_name = router.chain[0].name
     return Outcome(
         router.requested, router.chain[0].kind, image=images[0], step_latent=first.get("latent"), seconds=watch.seconds,
-        peak_memory_gb=round((torch.cuda.max_memory_allocated(run.device) - before) / 2**30, 3) if cuda else None,
+        peak_memory_gb=peak.gb,
         served=dict(router.served()), layers=len(router.layers), problem=problems[0],
         fallback_layers=sum(1 for l in router.layers if first_name in l.refused and l.served()))
 
@@ -183,7 +175,7 @@ def compare(settings: pipeline.Settings, names: list[str] | None = None, referen
             thresholds: Thresholds | None = None, on_progress=None, report: dict | None = None) -> dict:
     """Load the settings' model and compare (see compare_run): what `sdcli compare` runs."""
     report = report or hardware.probe()
-    ref, _ = choose(report, pipeline.choose_device(report, settings.device), names, reference)  # before loading
+    ref, _ = choose(report, devices.choose(report, settings.device), names, reference)  # before loading
     settings.backend = ref.name
     settings.validate()
     if on_progress:
@@ -253,7 +245,7 @@ def render_all(run: pipeline.Run, item: pipeline.Item, ref: Backend, others: lis
             break
         except Exception as exc:  # a backend that crashes is reported; the others still run
             outcome = Outcome(backend.name, backend.kind, error=error_line(exc))
-            release_memory()
+            devices.release_memory()
         outcomes.append(outcome)
     return outcomes, ref_router
 

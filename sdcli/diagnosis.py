@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from sdcli import hardware, numerics, timing, validate
+from sdcli import devices, hardware, numerics, timing, validate
 from sdcli.backends import BROKEN, Backend, Shape, all_backends, plugin_errors, usable_here
 from sdcli.errors import SdcliError, plural
 from sdcli.hardware import Machine
@@ -78,7 +78,7 @@ def probe(report: dict, verdicts: dict, on_progress=None, families: dict = REFER
     attention by compare's rule (why, when it fails) and timed. on_progress(text, total) before each shape.
     Returns the rows, and None, or after Ctrl-C (or a time limit's SIGINT) the rows of the shapes finished and
     what was left: {shapes_done, shapes_planned, families_left}."""
-    cap = None if verdicts["device"].startswith("cuda") else CPU_PROBE_SEQ
+    cap = None if devices.is_cuda(verdicts["device"]) else CPU_PROBE_SEQ
     shapes, owners = [], {}
     for family, items in families.items():
         for heads, head_dim, q, kv in items:
@@ -149,11 +149,11 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
     families = reference_shapes(family)
     if dtype is not None and dtype not in numerics.DTYPES:
         raise SdcliError(f"--dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
-    validate.device(device, auto=False)
+    devices.parse(device, auto=False)
     if report and probe_kernels:
         raise SdcliError("--probe runs kernels on this machine; it can't be combined with --report")
     data = load_report(report) if report else hardware.probe()
-    validate.gpu_in_report(device, data)
+    devices.in_report(device, data)
     verdicts = assess(data, device, dtype, families)
     probed, cut = probe(data, verdicts, on_progress, families) if probe_kernels else (None, None)
     if probed:

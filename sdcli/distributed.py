@@ -284,7 +284,7 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
     status. `view` shows it all (sdcli.views.GenerateView): prepare(settings, quiet, report) -> Run,
     generate(run, items, quiet, skip, on_saved, rank), report(summary, quiet), interrupted(text), error(text)
     and warning(text)."""
-    from sdcli import hardware, pipeline
+    from sdcli import devices, hardware, pipeline
     from sdcli.images import attention_summary
 
     folder = settings.output_dir
@@ -299,7 +299,7 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
                 done = finished(mine, settings)
             if len(done) < len(mine):  # else this rank has nothing left to make: no model to load
                 settings.device = device_for(ranks, settings.device)
-                gpu = int(settings.device[5:]) if (settings.device or "").startswith("cuda:") else None
+                gpu = devices.gpu_index(settings.device)
                 run = view.prepare(settings, not speaks, hardware.probe(only_gpu=gpu) if several else None)
                 view.generate(run, mine, quiet=not speaks, skip=set(done),
                               on_saved=lambda result: part.record(result, ranks.rank, attention_summary(run.router)),

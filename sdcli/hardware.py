@@ -18,6 +18,7 @@ import sys
 
 from sdcli import kernels
 from sdcli._version import __version__
+from sdcli.devices import gpu_index, is_cuda
 from sdcli.errors import error_line, first_line
 
 SCHEMA = "sdcli.report/1"
@@ -348,11 +349,10 @@ class Machine:
         self.report = report
         gpus = report.get("gpus") or []
         cuda_ok = bool(report.get("torch", {}).get("cuda_available")) and bool(gpus)
-        device = "cuda:0" if device == "cuda" else device
-        self.device = device or ("cuda:0" if cuda_ok else "cpu")
-        self.is_cuda = self.device.startswith("cuda")
-        index = int(self.device.split(":")[1]) if ":" in self.device else 0
-        self.gpu = next((g for g in gpus if g.get("index") == index), None) if self.is_cuda else None
+        index = gpu_index(device or ("cuda" if cuda_ok else "cpu"))
+        self.device = "cpu" if index is None else f"cuda:{index}"
+        self.is_cuda = index is not None
+        self.gpu = next((g for g in gpus if g.get("index") == index), None)
 
     @property
     def compute_capability(self) -> tuple[int, int] | None:
@@ -386,7 +386,7 @@ def use_threads(threads: int | None, device: str | None) -> str | None:
 
     if threads:
         torch.set_num_threads(threads)
-    if device not in (None, "auto", "cpu") or (device != "cpu" and torch.cuda.is_available()):
+    if is_cuda(device) or (device != "cpu" and torch.cuda.is_available()):
         return None  # a GPU run: the CPU threads only feed it
     used = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

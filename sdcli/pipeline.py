@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import backends, families, hardware, lora, numerics, speed, timing, validate
+from sdcli import backends, devices, families, hardware, lora, numerics, speed, timing
 from sdcli.errors import SdcliError, first_line, plural
 from sdcli.images import recipe, save_png
 
@@ -77,7 +77,7 @@ class Settings:
             raise SdcliError("give a prompt, or --prompts-file with one prompt per line")
         if not self.model.strip():
             raise SdcliError("--model is empty; give tiny, a Hub id, a folder or a checkpoint file")
-        validate.device(self.device)
+        devices.parse(self.device)
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % 8):
@@ -264,24 +264,6 @@ def run_failed(run: Run, todo: list[Item], exc: Exception, rank: int | None = No
     return RunFailed(f"{who}{type(exc).__name__}{where}: {first_line(exc)}; {kept(run)}{hint}")
 
 
-def choose_device(report: dict, device: str | None) -> str:
-    cuda = bool(report.get("torch", {}).get("cuda_available"))
-    count = report.get("torch", {}).get("device_count") or 0
-    if device in (None, "auto"):
-        return "cuda:0" if cuda else "cpu"
-    if device == "cpu":
-        return device
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if not m:
-        raise SdcliError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    if not cuda:
-        raise SdcliError(f"--device {device}: torch sees no usable CUDA GPU here (see sdcli doctor)")
-    index = int(m.group(1) or 0)
-    if index >= count:
-        raise SdcliError(f"--device {device}: there are only {count} GPUs (cuda:0..cuda:{count - 1})")
-    return f"cuda:{index}"
-
-
 def check_runs_here(name: str, machine: hardware.Machine, option: str = "--backend") -> None:
     """A backend the user named must be able to run on this machine at all, or the run stops before the model
     loads, with doctor's reason and fix (--fallback is for the layers it can't take, not for all of them)."""
@@ -303,7 +285,7 @@ def prepare(settings: Settings, report: dict | None = None, on_progress=None, ju
     settings.validate()
     family = settings.apply_family()  # an unsupported model fails before its weights load
     report = report or hardware.probe()
-    device = choose_device(report, settings.device)
+    device = devices.choose(report, settings.device)
     machine = hardware.Machine(report, device)
     if settings.backend != "auto":
         check_runs_here(settings.backend, machine)
@@ -362,24 +344,6 @@ def vae_in_its_dtype(pipe, vae_dtype: str) -> None:
     first.register_forward_pre_hook(lambda module, args: (args[0].to(vae.dtype), *args[1:]))
 
 
-def peak_memory_gb(device: str) -> float:
-    """The most GPU memory `device` held since its peak was last reset: torch's peak of allocated memory, plus what
-    CUDA graphs hold in their private pools beyond their live tensors. A graph's memory is reserved when it is
-    captured and reused by every replay without passing through the allocator, so the allocated peak alone
-    under-reports a reduce-overhead run by about the graphs' working memory."""
-    import torch
-
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    try:
-        segments = torch.cuda.memory_snapshot(include_traces=False)
-    except TypeError:  # a torch without the argument
-        segments = torch.cuda.memory_snapshot()
-    graphs = sum(seg["total_size"] - seg["allocated_size"] for seg in segments
-                 if seg.get("device", index) == index and tuple(seg.get("segment_pool_id") or (0, 0)) != (0, 0))
-    return round((torch.cuda.max_memory_allocated(device) + graphs) / 2**30, 3)
-
-
 def one_step(run: Run, batch: int | None = None) -> None:
     """A one-step render of the first item at `batch` (default: the run's batch size): enough to meet every
     attention shape of the run (see tuning.collect_shapes)."""
@@ -410,31 +374,26 @@ def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=N
     stem as it finishes. on_step(step, latents) and on_image(result) report progress. `skip`: indices of items already on disk. A batch of only those is not run; in a batch
     with others they are made again but not saved, so that the others get the pixels of the same batch run
     in one go."""
-    import torch
-
     s = run.settings
     items = work_items(s) if items is None else items
-    cuda = run.device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(run.device)
-    for start in range(0, len(items), s.batch_size):
-        batch = items[start:start + s.batch_size]
-        if all(item.index in skip for item in batch):
-            continue
-        with timing.stopwatch(run.device) as watch:
-            images, problems = render(run, batch, on_step)
-        seconds = watch.seconds / len(batch)
-        run.seconds += seconds * len(batch)
-        for item, image, problem in zip(batch, images, problems):
-            if item.index in skip:
+    with devices.peak_memory(run.device) as peak:
+        for start in range(0, len(items), s.batch_size):
+            batch = items[start:start + s.batch_size]
+            if all(item.index in skip for item in batch):
                 continue
-            path = save_png(image, s.output_dir, item.stem, recipe(run, item))
-            result = ImageResult(item, path, seconds, problem)
-            run.images.append(result)
-            if on_image:
-                on_image(result)
-    if cuda:
-        run.peak_memory_gb = peak_memory_gb(run.device)
+            with timing.stopwatch(run.device) as watch:
+                images, problems = render(run, batch, on_step)
+            seconds = watch.seconds / len(batch)
+            run.seconds += seconds * len(batch)
+            for item, image, problem in zip(batch, images, problems):
+                if item.index in skip:
+                    continue
+                path = save_png(image, s.output_dir, item.stem, recipe(run, item))
+                result = ImageResult(item, path, seconds, problem)
+                run.images.append(result)
+                if on_image:
+                    on_image(result)
+    run.peak_memory_gb = peak.gb
     return run
 
 

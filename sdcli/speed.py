@@ -20,6 +20,7 @@ import functools
 from collections import Counter
 
 from sdcli import families
+from sdcli.devices import is_cuda
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # what a mode becomes where there are no CUDA graphs (they need a CUDA GPU)
@@ -47,7 +48,7 @@ def set_precision(device: str, tf32: bool, cudnn_benchmark: bool) -> dict:
     """TF32 and cuDNN's autotuner for this process; both matter on CUDA only. Returns what is in effect."""
     import torch
 
-    cuda = device.startswith("cuda")
+    cuda = is_cuda(device)
     if cuda:  # the flags diffusers' docs use (torch's newer fp32_precision API must not be mixed with them)
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
@@ -57,7 +58,7 @@ def set_precision(device: str, tf32: bool, cudnn_benchmark: bool) -> dict:
 
 def compile_mode(mode: str, device: str) -> tuple[str, str | None]:
     """The torch.compile mode to use on `device`, and a note when it is not the one asked for."""
-    if device.startswith("cuda") or mode not in WITHOUT_CUDA_GRAPHS:
+    if is_cuda(device) or mode not in WITHOUT_CUDA_GRAPHS:
         return mode, None
     used = WITHOUT_CUDA_GRAPHS[mode]
     return used, f"--compile-mode {mode} uses CUDA graphs, which need a CUDA GPU: compiled in {used} mode instead"

@@ -44,26 +44,6 @@ def whole_numbers(text: str, option: str) -> list[int]:
     return sorted(set(values))
 
 
-DEVICE = re.compile(r"cpu|cuda(?::\d+)?")
-
-
-def device(text: str | None, auto: bool = True) -> None:
-    """--device: cpu, cuda or cuda:N (and auto where the command picks one)."""
-    if text is None or (auto and text == "auto") or DEVICE.fullmatch(text):
-        return
-    raise SdcliError(f"--device must be {'auto, ' if auto else ''}cpu, cuda or cuda:N, not {text!r}")
-
-
-def gpu_in_report(text: str | None, report: dict) -> None:
-    """A cuda:N that the machine (or saved report) has: judging a GPU that isn't there would judge nothing."""
-    if not text or not text.startswith("cuda"):
-        return
-    index = int(text.partition(":")[2] or 0)
-    have = [g["index"] for g in report.get("gpus") or []]
-    if index not in have:
-        raise SdcliError(f"--device {text}: there is no GPU {index} (GPUs: {', '.join(map(str, have)) or 'none'})")
-
-
 # ----- JSON read back -------------------------------------------------------------------------------------
 #
 # A spec is a type or a tuple of types; a dict of field specs, where the key `...` gives the spec of every
