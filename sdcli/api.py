@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from sdcli.errors import SdcliError, plural
+from sdcli.errors import RoutingError, SdcliError, plural
 
 AUTO = "auto"
 
@@ -117,11 +117,7 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
 
     device = device or device_of(pipe)
     measure = (lambda shape, machine: tuning.fastest(shape, machine, quantized)) if backend == AUTO and tune else None
-    try:
-        router = routing.Router.for_request(backend, machine_report(device), device, fallback, quantized,
-                                            measure=measure)
-    except KeyError as exc:
-        raise SdcliError(exc.args[0]) from None
+    router = routing.Router.for_request(backend, machine_report(device), device, fallback, quantized, measure=measure)
     if backend != AUTO:
         verdict = backends.get(backend).verdict(hardware.Machine(machine_report(device), device))
         if not verdict.usable:
@@ -130,7 +126,7 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
                              'backend="auto" picks among them)')
     try:
         return Plan(pipe, routing.route(pipe, router))
-    except routing.RoutingError as exc:  # routing's words are the CLI's; the API has parameters, not options
+    except RoutingError as exc:  # routing's words are the CLI's; the API has parameters, not options
         text = str(exc).replace("Use --backend auto, or add --fallback", 'Use backend="auto", or fallback=True')
         raise SdcliError(text) from None
 

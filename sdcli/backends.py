@@ -18,7 +18,7 @@ from functools import cached_property, partial
 from typing import Callable
 
 from sdcli import kernels
-from sdcli.errors import error_line
+from sdcli.errors import UnknownBackend, error_line
 from sdcli.hardware import Machine
 
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
@@ -506,7 +506,7 @@ def plugin_errors() -> dict[str, str]:
 def get(name: str) -> Backend:
     load_plugins()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown attention backend {name!r}; known: {', '.join(_REGISTRY)}")
+        raise UnknownBackend(name, list(_REGISTRY))
     return _REGISTRY[name]
 
 

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from sdcli import families, interrupt, validate, views
 from sdcli._version import __version__
-from sdcli.errors import SdcliError
+from sdcli.errors import BadImages, Interrupted, SdcliError
 from sdcli.numerics import EXACT_TOL, QUANTIZED_TOL
 
 # flex warns on every eager call; `sdcli doctor` already labels it "slow unless compiled"
@@ -65,9 +65,11 @@ class Group(TyperGroup):
         except KeyboardInterrupt:  # e.g. while the model loads: nothing made yet (a command keeps what it made)
             views.err.print("interrupted", soft_wrap=True)
             raise typer.Exit(130) from None
+        except Interrupted as exc:  # what it kept, and how to go on: said as it is, not as an error
+            views.say(str(exc))
+            raise typer.Exit(exc.exit_code) from None
         except SdcliError as exc:
-            if str(exc):  # an interrupted run has said what it kept already
-                views.error(str(exc))
+            views.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:
             if os.environ.get("SDCLI_DEBUG"):
@@ -282,9 +284,15 @@ def generate(
         if code:
             raise typer.Exit(code)
         return
-    run = view.prepare(settings)
-    view.generate(run, pipeline.work_items(settings))
-    view.report(run.summary())
+    with view.loading() as on_progress:
+        run = pipeline.prepare(settings, on_progress=on_progress)
+    items = pipeline.work_items(settings)
+    with view.making(len(items), settings.steps) as (on_step, on_image):
+        pipeline.generate(run, items, on_step, on_image)
+    summary = run.summary()
+    view.report(summary)
+    if summary["problems"]:
+        raise BadImages(summary["problems"])
 
 
 # ----- compare ------------------------------------------------------------------------------------------

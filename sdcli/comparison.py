@@ -22,16 +22,12 @@ from dataclasses import dataclass, field
 
 from sdcli import backends, devices, hardware, numerics, pipeline, routing, timing
 from sdcli.backends import EXACT, Backend
-from sdcli.errors import SdcliError, error_line, plural
+from sdcli.errors import CompareFailed, Interrupted, SdcliError, error_line, plural
 from sdcli.images import write_new
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
 NOT_APPLICABLE = "n/a"       # usable here, but no layer of this model has a shape it takes: nothing to judge
 NOT_JUDGED = "not judged"    # interrupted before its kernel-level check finished
-
-
-class CompareFailed(SdcliError):
-    exit_code = 1
 
 
 @dataclass
@@ -49,11 +45,8 @@ def choose(report: dict, device: str, names: list[str] | None, reference: str | 
     """The reference (default: the most exact backend here, SDPA's math kernel) and the backends to compare
     (default: every one usable on this machine)."""
     machine = hardware.Machine(report, device)
-    try:
-        ref = backends.get(reference or "sdpa-math")
-        chosen = [backends.get(n) for n in names] if names else None
-    except KeyError as exc:
-        raise SdcliError(exc.args[0]) from None
+    ref = backends.get(reference or "sdpa-math")
+    chosen = [backends.get(n) for n in names] if names else None
     if not ref.verdict(machine).usable:
         raise SdcliError(f"reference backend {ref.name} can't run here: {ref.verdict(machine).reason}")
     if chosen is None:
@@ -232,7 +225,7 @@ def render_all(run: pipeline.Run, item: pipeline.Item, ref: Backend, others: lis
     try:
         reference_out = render_with(run, ref_router, item, warmup=True)
     except KeyboardInterrupt:
-        raise pipeline.Interrupted(f"interrupted in the reference run ({ref.name}): nothing was compared yet") from None
+        raise Interrupted(f"interrupted in the reference run ({ref.name}): nothing was compared yet") from None
     if reference_out.problem:
         raise SdcliError(f"the reference run with {ref.name} came out bad: {reference_out.problem}")
     outcomes = [reference_out]

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcli.errors import SdcliError
+from sdcli.errors import BadImages, Interrupted, SdcliError
 
 MANIFEST = "manifest.jsonl"
 PARTS = ".sdcli-manifest"  # one part file per rank, next to the images
@@ -281,9 +281,8 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
     """This process's share of the work (under a launcher, or with --resume), recorded line by line; then
     every rank waits for the others, and rank 0 writes the manifest and reports. Other ranks print only errors.
     A rank that fails says so at once, then waits too, so the others finish their shares. Returns the exit
-    status. `view` shows it all (sdcli.views.GenerateView): prepare(settings, quiet, report) -> Run,
-    generate(run, items, quiet, skip, on_saved, rank), report(summary, quiet), interrupted(text), error(text)
-    and warning(text)."""
+    status. `view` shows it all (sdcli.views.GenerateView): loading(quiet) and making(images, steps, quiet), two
+    contexts whose callbacks follow the run; report(summary, quiet), interrupted(text), error(text), warning(text)."""
     from sdcli import devices, hardware, pipeline
     from sdcli.images import attention_summary
 
@@ -300,12 +299,17 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
             if len(done) < len(mine):  # else this rank has nothing left to make: no model to load
                 settings.device = device_for(ranks, settings.device)
                 gpu = devices.gpu_index(settings.device)
-                run = view.prepare(settings, not speaks, hardware.probe(only_gpu=gpu) if several else None)
-                view.generate(run, mine, quiet=not speaks, skip=set(done),
-                              on_saved=lambda result: part.record(result, ranks.rank, attention_summary(run.router)),
-                              rank=ranks.rank if several else None)
-    except pipeline.Interrupted as exc:  # view.generate said so
+                with view.loading(not speaks) as on_progress:
+                    run = pipeline.prepare(settings, hardware.probe(only_gpu=gpu) if several else None, on_progress)
+                with view.making(len(mine) - len(done), settings.steps, not speaks) as (on_step, shown):
+                    def on_image(result):
+                        shown(result)
+                        part.record(result, ranks.rank, attention_summary(run.router))
+
+                    pipeline.generate(run, mine, on_step, on_image, skip=set(done), rank=ranks.rank if several else None)
+    except Interrupted as exc:
         error, code = "interrupted", exc.exit_code
+        view.interrupted(str(exc))
     except KeyboardInterrupt:
         error, code = "interrupted", 130
         view.interrupted(f"{'rank %d: ' % ranks.rank if several else ''}interrupted")
@@ -367,11 +371,9 @@ def report_share(run, settings, outcomes: list[dict], manifest: Path | None, vie
         "ranks": [{k: v for k, v in o.items() if k != "images"} | {"images": len(o["images"])} for o in outcomes],
     })
     failed = [o for o in outcomes if o["error"] and o["rank"] != 0]
-    try:
-        view.report(summary, quiet)
-    except pipeline.BadImages:
-        if not failed:
-            raise
+    view.report(summary, quiet)
+    if summary["problems"] and not failed:
+        raise BadImages(summary["problems"])
     if failed:  # each failed rank said what and where, and exits non-zero; this is the sum of it
         n = len(images) + len(summary["skipped"])
         listed = f"listed in {manifest}" if manifest else "kept"

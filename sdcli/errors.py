@@ -22,3 +22,46 @@ class SdcliError(Exception):
     """Bad input or an impossible request: the CLI prints the message as one line and exits non-zero."""
 
     exit_code = 2
+
+
+class UnknownBackend(SdcliError):
+    """A backend name that no built-in or plug-in registered."""
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"unknown attention backend {name!r}; known: {', '.join(known)}")
+        self.name = name
+
+
+class RoutingError(SdcliError):
+    """A backend that can't serve a layer it was named for, or no backend that can."""
+
+    exit_code = 1
+
+
+class RunFailed(SdcliError):
+    """A run broke off; the message says where, and what was kept."""
+
+    exit_code = 1
+
+
+class CompareFailed(SdcliError):
+    """`sdcli compare`: a backend broke its bound or failed."""
+
+    exit_code = 1
+
+
+class BadImages(SdcliError):
+    """`sdcli generate` finished, but some images came out NaN or black (kept)."""
+
+    exit_code = 3
+
+    def __init__(self, problems: list[dict]):
+        super().__init__(f"{plural(len(problems), 'image')} came out NaN or black (kept, see above): "
+                         f"{problems[0]['problem']}")
+
+
+class Interrupted(SdcliError):
+    """Ctrl-C (or a time limit's SIGINT) during a run: the message says what was kept and how to go on, and is
+    said as it is (an interruption is not an error)."""
+
+    exit_code = 130

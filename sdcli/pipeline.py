@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdcli import backends, devices, families, hardware, lora, numerics, speed, timing
-from sdcli.errors import SdcliError, first_line, plural
+from sdcli import backends, devices, families, hardware, interrupt, lora, numerics, speed, timing
+from sdcli.errors import Interrupted, RunFailed, SdcliError, first_line, plural
 from sdcli.images import recipe, save_png
 
 SCHEDULER_NAMES = list(dict.fromkeys(name for f in families.FAMILIES for name in f.schedulers))  # every family's
@@ -103,10 +103,7 @@ class Settings:
             raise SdcliError(f"--threads must be at least 1, not {self.threads}")
         lora.parse_all(self.loras)
         if self.backend != "auto":
-            try:
-                backends.get(self.backend)
-            except KeyError as exc:
-                raise SdcliError(exc.args[0]) from None
+            backends.get(self.backend)  # an unknown name fails here
         if self.output_dir is not None:
             check_output_dir(self.output_dir)
 
@@ -219,24 +216,6 @@ class Run:
             "tuning": self.tuning, "speed": self.speed,
             "problems": [r.to_json() for r in self.images if r.problem],
         }
-
-
-class RunFailed(SdcliError):
-    exit_code = 1
-
-
-class Interrupted(SdcliError):
-    """Ctrl-C during a run; what it kept has been said already."""
-
-    exit_code = 130
-
-
-class BadImages(SdcliError):
-    exit_code = 3
-
-    def __init__(self, problems):
-        super().__init__(f"{plural(len(problems), 'image')} came out NaN or black (kept, see above): "
-                         f"{problems[0]['problem']}")
 
 
 def kept(run: Run) -> str:
@@ -369,30 +348,47 @@ def set_scheduler(pipe, name: str) -> str:
     return cls_name
 
 
-def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=None, skip=frozenset()) -> Run:
+def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=None, skip=frozenset(),
+             rank: int | None = None) -> Run:
     """Generate `items` (default: all of the settings' work) in batches, saving each image under its item's
-    stem as it finishes. on_step(step, latents) and on_image(result) report progress. `skip`: indices of items already on disk. A batch of only those is not run; in a batch
-    with others they are made again but not saved, so that the others get the pixels of the same batch run
-    in one go."""
+    stem as it finishes. on_step(step, latents) and on_image(result) report progress. `skip`: indices of items
+    already on disk. A batch of only those is not run; in a batch with others they are made again but not saved,
+    so that the others get the pixels of the same batch run in one go. A run that stops says so in one line,
+    with what it kept and how to go on: Ctrl-C is Interrupted, any other failure RunFailed (`rank` names the
+    process where there are several)."""
     s = run.settings
     items = work_items(s) if items is None else items
-    with devices.peak_memory(run.device) as peak:
-        for start in range(0, len(items), s.batch_size):
-            batch = items[start:start + s.batch_size]
-            if all(item.index in skip for item in batch):
-                continue
-            with timing.stopwatch(run.device) as watch:
-                images, problems = render(run, batch, on_step)
-            seconds = watch.seconds / len(batch)
-            run.seconds += seconds * len(batch)
-            for item, image, problem in zip(batch, images, problems):
-                if item.index in skip:
+    who = "" if rank is None else f"rank {rank}: "
+    kept_now = lambda: kept(run) + (f"; {resume_hint(s)}" if run.images else "")  # noqa: E731
+    interrupt.on_force(lambda: who + kept_now())  # a Ctrl-C inside one long operation: images are whole on disk
+    try:
+        with devices.peak_memory(run.device) as peak:
+            for start in range(0, len(items), s.batch_size):
+                batch = items[start:start + s.batch_size]
+                if all(item.index in skip for item in batch):
                     continue
-                path = save_png(image, s.output_dir, item.stem, recipe(run, item))
-                result = ImageResult(item, path, seconds, problem)
-                run.images.append(result)
-                if on_image:
-                    on_image(result)
+                with timing.stopwatch(run.device) as watch:
+                    images, problems = render(run, batch, on_step)
+                seconds = watch.seconds / len(batch)
+                run.seconds += seconds * len(batch)
+                for item, image, problem in zip(batch, images, problems):
+                    if item.index in skip:
+                        continue
+                    path = save_png(image, s.output_dir, item.stem, recipe(run, item))
+                    result = ImageResult(item, path, seconds, problem)
+                    run.images.append(result)
+                    if on_image:
+                        on_image(result)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{who}interrupted: {kept_now()}") from None
+    except SdcliError:
+        raise
+    except Exception as exc:
+        if os.environ.get("SDCLI_DEBUG"):
+            raise
+        raise run_failed(run, [item for item in items if item.index not in skip], exc, rank) from None
+    finally:
+        interrupt.on_force(None)
     run.peak_memory_gb = peak.gb
     return run
 

@@ -35,16 +35,12 @@ from torch.nn.attention import SDPBackend
 from sdcli import backends
 from sdcli.backends import Backend, Shape
 from sdcli.devices import out_of_memory
-from sdcli.errors import SdcliError, error_line
+from sdcli.errors import RoutingError, error_line
 from sdcli.hardware import Machine
 from sdcli.numerics import dtype_name
 
 AUTO = "auto"
 GRAPH_SLOTS = 8192  # (layer, backend) pairs a router can count inside compiled graphs
-
-
-class RoutingError(SdcliError):
-    exit_code = 1
 
 
 def auto_order(machine: Machine, quantized: bool = False) -> list[str]:
@@ -281,7 +277,7 @@ class Router:
         if requested == AUTO:
             names = auto_order(machine, quantized)
         else:
-            first = backends.get(requested)  # KeyError names the known ones
+            first = backends.get(requested)
             if first.kind == backends.QUANTIZED:
                 quantized = True  # naming a quantized backend is the opt-in
             rest = [fallback] if isinstance(fallback, str) else auto_order(machine, quantized) if fallback else []

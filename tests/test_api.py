@@ -63,10 +63,11 @@ def test_a_named_backend_serves_exactly_what_the_cli_reports(cli, tmp_path):
 def test_route_refuses_what_it_cannot_do_in_one_line_in_the_apis_words(register_backend):
     import sdcli
     from sdcli.backends import head_dim_at_most
+    from sdcli.errors import UnknownBackend
     from sdcli.models import tiny
 
     pipe = tiny()
-    with pytest.raises(sdcli.SdcliError, match="unknown attention backend 'nope'"):
+    with pytest.raises(UnknownBackend, match="unknown attention backend 'nope'"):
         sdcli.route(pipe, backend="nope")
     with pytest.raises(sdcli.SdcliError) as no_gpu:  # can't run here at all: doctor's reason and fix
         sdcli.route(pipe, backend="sdpa-cudnn")

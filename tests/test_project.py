@@ -85,3 +85,26 @@ def test_no_import_cycles():
     assert len(graph) > 20
     for module in sorted(graph):
         visit(module)
+
+
+def test_every_error_and_its_exit_status_is_declared_in_one_module():
+    """errors.py holds every SdcliError (each with its exit status); views only draw (they raise nothing), and no
+    code steers by KeyError."""
+    import ast
+    import importlib
+
+    import sdcli
+
+    for path in (ROOT / "sdcli").glob("*.py"):
+        if path.stem not in ("__init__", "__main__"):
+            importlib.import_module(f"sdcli.{path.stem}")
+
+    def subclasses(cls):
+        return {cls, *(s for c in cls.__subclasses__() for s in subclasses(c))}
+
+    assert {cls.__module__ for cls in subclasses(sdcli.SdcliError)} == {"sdcli.errors"}
+    raises = [node.lineno for node in ast.walk(ast.parse((ROOT / "sdcli" / "views.py").read_text()))
+              if isinstance(node, ast.Raise)]
+    assert not raises, f"views.py raises at lines {raises}"
+    for path in (ROOT / "sdcli").glob("*.py"):
+        assert "KeyError" not in path.read_text(), path
