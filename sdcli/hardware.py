@@ -16,28 +16,12 @@ import os
 import platform
 import sys
 
-from sdcli import kernels
+from sdcli import backends, kernels
 from sdcli._version import __version__
 from sdcli.devices import gpu_index, is_cuda
 from sdcli.errors import error_line, first_line
 
 SCHEMA = "sdcli.report/1"
-
-# (report key, distribution names to try, module to import). Several names because the same
-# kernels ship under different distribution names depending on how they were built.
-PACKAGES = [
-    ("torch", ["torch"], "torch"),
-    ("diffusers", ["diffusers"], "diffusers"),
-    ("transformers", ["transformers"], "transformers"),
-    ("triton", ["triton", "pytorch-triton"], "triton"),
-    ("flash_attn", ["flash-attn", "flash_attn"], "flash_attn"),
-    ("flash_attn_3", ["flash-attn-3", "flash_attn_3", "flashattn-hopper"], "flash_attn_interface"),
-    ("flash_attn_4", ["flash-attn-4"], "flash_attn.cute"),
-    ("xformers", ["xformers"], "xformers"),
-    ("sageattention", ["sageattention"], "sageattention"),
-    ("pynvml", ["nvidia-ml-py", "pynvml"], "pynvml"),
-]
-
 
 def system_info() -> dict:
     ram_gb = None
@@ -320,11 +304,11 @@ def probe(measure: bool = True, only_gpu: int | None = None) -> dict:
     torch_data, torch_gpus = torch_info(only_gpu)
     gpus = same_gpus(nv_gpus, torch_gpus)
     kernels.fa4_disk_cache()  # before flash_attn.cute is first imported (below), which reads the setting once
-    packages = {key: package_info(dists, module) for key, dists, module in PACKAGES}
-    if packages["flash_attn_4"]["import_ok"]:
+    packages = {p.key: package_info(list(p.dists), p.module) for p in backends.packages()}  # the registered ones'
+    if packages.get("flash_attn_4", {}).get("import_ok"):
         cache = sys.modules.get("flash_attn.cute.cache_utils")
         packages["flash_attn_4"]["disk_cache"] = getattr(cache, "CUTE_DSL_CACHE_ENABLED", None)
-    if packages["xformers"]["version"]:
+    if packages.get("xformers", {}).get("version"):
         packages["xformers"].update(xformers_ops())
     report = {
         "schema": SCHEMA,

@@ -43,18 +43,6 @@ AUTO = "auto"
 GRAPH_SLOTS = 8192  # (layer, backend) pairs a router can count inside compiled graphs
 
 
-def auto_order(machine: Machine, quantized: bool = False) -> list[str]:
-    """The documented preference of `--backend auto`, fastest-first by what is known of each GPU generation.
-    Exact kernels only, unless quantized ones are asked for; `sdpa` always ends the list and runs anywhere."""
-    if not machine.is_cuda:
-        order = ["sdpa"]  # on the CPU torch's SDPA already picks its flash kernel
-    else:
-        order = ["flash-attn-3", "flash-attn", "sdpa-flash", "xformers", "sdpa-cudnn", "sdpa-efficient", "sdpa"]
-    if quantized:
-        order = ["sage-fp8-sm90", "sage-fp8", "sage", "sage1"] + order
-    return order
-
-
 @dataclass(eq=False)
 class Layer:
     """One attention call site: a module's attention call (or its n-th call in one forward, named `name#n`), its
@@ -275,12 +263,13 @@ class Router:
         backend named there (e.g. compare's reference)."""
         machine = Machine(report, device)
         if requested == AUTO:
-            names = auto_order(machine, quantized)
+            names = backends.auto_order(machine, quantized)
         else:
             first = backends.get(requested)
             if first.kind == backends.QUANTIZED:
                 quantized = True  # naming a quantized backend is the opt-in
-            rest = [fallback] if isinstance(fallback, str) else auto_order(machine, quantized) if fallback else []
+            rest = ([fallback] if isinstance(fallback, str) else
+                    backends.auto_order(machine, quantized) if fallback else [])
             names = [requested] + [n for n in rest if n != requested]
         registered = {b.name: b for b in backends.all_backends()}
         chain = [registered[n] for n in names if n in registered]

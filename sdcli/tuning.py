@@ -24,10 +24,6 @@ from sdcli import backends, lora, routing, timing, validate
 from sdcli.backends import Shape
 from sdcli.hardware import Machine
 
-VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "flash_attn_4", "xformers",
-                "sageattention")
-
-
 def cache_dir() -> Path:
     if os.environ.get("SDCLI_CACHE_DIR"):
         return Path(os.environ["SDCLI_CACHE_DIR"]) / "plans"
@@ -52,7 +48,7 @@ def plan_key(run, quantized: bool) -> dict:
     return {
         "machine": machine.gpu_label if machine.is_cuda else f"CPU {run.report.get('system', {}).get('cpu')}",
         "driver": run.report.get("nvml", {}).get("driver"),
-        "versions": {k: run.report.get("packages", {}).get(k, {}).get("version") for k in VERSION_KEYS},
+        "versions": {k: run.report.get("packages", {}).get(k, {}).get("version") for k in backends.plan_versions()},
         "plugins": plugins,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype,
         "model": run.model_name, "model_config": hashlib.sha256(config.encode()).hexdigest()[:16],

@@ -262,7 +262,7 @@ def test_flash_attn_4_version_is_never_its_modules_placeholder(tmp_path, monkeyp
             del sys.modules[name]
     assert info["import_ok"] is True and info["version"] is None
     machine = hardware.Machine({"packages": {"flash_attn_4": info}})
-    assert backends.fa4_installed(machine, None) is None
+    assert backends.get("flash-attn-4").package.check(machine, None) is None
 
 
 def test_gpus_are_matched_by_uuid_not_by_index(monkeypatch):

@@ -46,8 +46,8 @@ def test_gpu_evidence_script_parses_and_picks_the_fastest_compared_backends(tmp_
 
 def import_graph() -> dict[str, set[str]]:
     """sdcli's modules and what each imports of sdcli's, at module level and inside functions alike (an import
-    inside a function is where a cycle hides). `from sdcli import x` names module x where there is one, else the
-    package itself (its __init__)."""
+    inside a function is where a cycle hides); not what is imported for type annotations only (`if TYPE_CHECKING:`).
+    `from sdcli import x` names module x where there is one, else the package itself (its __init__)."""
     import ast
 
     package = ROOT / "sdcli"
@@ -56,7 +56,12 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for module, path in modules.items():
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 edges |= {a.name for a in node.names if a.name.startswith("sdcli.")}
             elif isinstance(node, ast.ImportFrom) and node.module == "sdcli":
