@@ -75,11 +75,12 @@ def device_of(pipe) -> str:
 
 
 @lru_cache(maxsize=None)
-def machine_report(device: str) -> dict:
-    """The hardware report, probed once per process and device (only that GPU is touched)."""
+def machine(device: str):
+    """This machine for `device` (a hardware.Machine), probed once per process and device (only that GPU is
+    touched)."""
     from sdcli import devices, hardware
 
-    return hardware.probe(only_gpu=devices.gpu_index(device))
+    return hardware.Machine(hardware.probe(only_gpu=devices.gpu_index(device)), device)
 
 
 def load(model: str, device: str | None = None, dtype: str | None = None, loras: list[str] | None = None):
@@ -113,13 +114,13 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
     the first call at each new attention shape times every eligible backend at that shape (as `sdcli generate`
     does for its plan) and keeps the fastest within its accuracy bound, remembered for the process; `tune=False`
     takes the documented order instead. `device`: where to judge backends for (default: the pipeline's)."""
-    from sdcli import backends, hardware, routing, tuning
+    from sdcli import backends, routing, tuning
 
     device = device or device_of(pipe)
     measure = (lambda shape, machine: tuning.fastest(shape, machine, quantized)) if backend == AUTO and tune else None
-    router = routing.Router.for_request(backend, machine_report(device), device, fallback, quantized, measure=measure)
+    router = routing.Router.for_request(backend, machine(device), fallback, quantized, measure=measure)
     if backend != AUTO:
-        verdict = backends.get(backend).verdict(hardware.Machine(machine_report(device), device))
+        verdict = backends.get(backend).verdict(machine(device))
         if not verdict.usable:
             raise SdcliError(f"backend {backend!r} can't run here ({verdict.status}): {verdict.reason}"
                              + (f"; fix: {verdict.fix}" if verdict.fix else "") + ' (sdcli.doctor() lists what can; '
@@ -145,12 +146,12 @@ def compile(pipe, mode: str = "default", vae: bool = False) -> str:
     writes to none of its inputs and `mode="reduce-overhead"` keeps its CUDA graphs. `mode`: default,
     reduce-overhead or max-autotune; without a CUDA GPU there are no CUDA graphs and the mode without them is
     used. Returns the mode used. Route before or after, as you like."""
-    from sdcli import speed
+    from sdcli import families, speed
 
     if mode not in speed.COMPILE_MODES:
         raise SdcliError(f"mode must be one of {', '.join(speed.COMPILE_MODES)}, not {mode!r}")
     used, _ = speed.compile_mode(mode, device_of(pipe))
-    speed.compile(pipe, used, denoiser=True, vae=vae)
+    speed.compile(pipe, families.of_pipeline(pipe), used, denoiser=True, vae=vae)
     return used
 
 
@@ -174,15 +175,15 @@ def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars"
     every one usable here); a row per backend with its verdict and evidence. With `output_dir`, also the grid
     PNG and the JSON report there (their paths under "grid" and "json"); without, the images as arrays under
     "images". The pipeline's routing is put back as it was."""
-    from sdcli import comparison
-    from sdcli import pipeline
+    from sdcli import comparison, pipeline
+    from sdcli.options import Options
 
     given = {"exact_tol": exact_tol, "quantized_tol": quantized_tol}
     thresholds = comparison.Thresholds(**{k: v for k, v in given.items() if v is not None})  # checked there
-    settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                                 width=width, height=height, seed=seed, backend=reference, output_dir=None)
-    run = pipeline.wrap(pipe, settings, machine_report(device_of(pipe)))
-    result = comparison.compare_run(run, backends, reference, thresholds, on_progress)
+    options = Options.make(prompts=[prompt], negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                           width=width, height=height, seed=seed, backend=reference, output_dir=None)
+    run = pipeline.wrap(pipe, options, machine(device_of(pipe)))
+    result = comparison.compare(run, backends, reference, thresholds, on_progress)
     if output_dir is not None:
         return comparison.save(result, output_dir)
     images = result.pop("_images")

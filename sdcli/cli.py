@@ -19,6 +19,7 @@ from sdcli import families, interrupt, validate, views
 from sdcli._version import __version__
 from sdcli.errors import BadImages, Interrupted, SdcliError
 from sdcli.numerics import EXACT_TOL, QUANTIZED_TOL
+from sdcli.options import Options
 
 # flex warns on every eager call; `sdcli doctor` already labels it "slow unless compiled"
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -146,11 +147,11 @@ def doctor(
         raise typer.Exit(130)
 
 
-def use_threads(settings) -> None:
+def use_threads(options) -> None:
     """--threads, and a warning when a CPU run's threads would fight other processes for the cores."""
     from sdcli import hardware
 
-    note = hardware.use_threads(settings.threads, settings.device)
+    note = hardware.use_threads(options.placement.threads, options.placement.device)
     if note:
         views.warning(note)
 
@@ -264,8 +265,8 @@ def generate(
     if prompt and prompts_file:
         raise SdcliError("give a PROMPT or --prompts-file, not both")
     prompts = pipeline.read_prompts_file(prompts_file) if prompts_file else [prompt] if prompt else []
-    settings = pipeline.Settings(
-        prompts=prompts, negative_prompt=negative_prompt, model=model, steps=steps, guidance=guidance,
+    options = Options.make(
+        model, prompts=prompts, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
         width=width, height=height, seed=seed, batch_size=batch_size, num_images=num_images, scheduler=scheduler,
         dtype=dtype, vae_dtype=vae_dtype, device=device, backend=backend, fallback=fallback, quantized=quantized,
         tune=tune, retune=retune, compile=compile_, compile_mode=compile_mode, compile_vae=compile_vae,
@@ -274,22 +275,21 @@ def generate(
     if resume and seed is None:
         raise SdcliError("--resume needs the --seed of the run it finishes (without one, seeds are random and "
                          "no image on disk can match)")
-    settings.validate()  # fail on bad input before the slow imports
-    settings.apply_family()  # and on settings the model's family can't take (--resume compares its defaults)
-    use_threads(settings)
+    options = pipeline.resolve(options)  # bad input fails before the slow imports (--resume compares the defaults)
+    use_threads(options)
     ranks = distributed.detect()
     view = views.GenerateView(json_out, quiet, verbose)
     if ranks.launched or resume:
-        code = distributed.generate_share(settings, ranks, resume, view, quiet)
+        code = distributed.generate_share(options, ranks, resume, view, quiet)
         if code:
             raise typer.Exit(code)
         return
     with view.loading() as on_progress:
-        run = pipeline.prepare(settings, on_progress=on_progress)
-    items = pipeline.work_items(settings)
-    with view.making(len(items), settings.steps) as (on_step, on_image):
+        run = pipeline.prepare(options, on_progress=on_progress)
+    items = pipeline.work_items(run.options)
+    with view.making(len(items), options.sampling.steps) as (on_step, on_image):
         pipeline.generate(run, items, on_step, on_image)
-    summary = run.summary()
+    summary = run.to_json()
     view.report(summary)
     if summary["problems"]:
         raise BadImages(summary["problems"])
@@ -331,19 +331,21 @@ def compare(
 ) -> None:
     """The same seed through every backend: same image or not, how far off, how fast. Exit 1 if any breaks its bound."""
     from sdcli import comparison as cmp
-    from sdcli import pipeline
 
     thresholds = cmp.Thresholds(exact_tol, quantized_tol)
     names = validate.names(backends_, "--backends")
-    settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, model=model, steps=steps,
-                                 guidance=guidance, width=width, height=height, seed=seed, scheduler=scheduler,
-                                 dtype=dtype, vae_dtype=vae_dtype, device=device, backend=reference,
-                                 loras=lora or [], threads=threads, output_dir=output_dir)
-    settings.validate()
-    use_threads(settings)
+    options = Options.make(model, prompts=[prompt], negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                           width=width, height=height, seed=seed, scheduler=scheduler, dtype=dtype,
+                           vae_dtype=vae_dtype, device=device, backend=reference, loras=lora or [], threads=threads,
+                           output_dir=output_dir)
+    options.validate()
+    use_threads(options)
     spinner, on_progress = views.status("comparing", quiet)
     with spinner:
-        result = cmp.compare(settings, names, reference, thresholds, on_progress)
+        if on_progress:
+            on_progress(f"loading {model}")
+        run = cmp.load(options, names, reference)
+        result = cmp.compare(run, names, reference, thresholds, on_progress)
     result = cmp.save(result, output_dir)
     if json_out:
         views.emit_json(result)
@@ -396,20 +398,18 @@ def bench(
     """The throughput experiment: images/s by batch size for stock diffusers, each backend and auto (and, with speed
     options, stock diffusers and auto with them); largest batch."""
     from sdcli import bench as bn
-    from sdcli import pipeline
 
     sizes = validate.whole_numbers(batch_sizes, "--batch-sizes")
     if repeats < 1 or max_batch < 1:
         raise SdcliError("--repeats and --max-batch must be at least 1")
     names = validate.names(backends_, "--backends")
-    settings = pipeline.Settings(prompts=["a photo of an astronaut riding a horse on mars"], model=model, steps=steps,
-                                 guidance=guidance, width=width, height=height, seed=0, dtype=dtype,
-                                 vae_dtype=vae_dtype, device=device, backend="sdpa", compile=compile_,
-                                 compile_mode=compile_mode, compile_vae=compile_vae, channels_last=channels_last,
-                                 fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark, loras=lora or [],
-                                 threads=threads, output_dir=output_dir)
-    settings.validate()
-    use_threads(settings)
+    options = Options.make(model, prompts=["a photo of an astronaut riding a horse on mars"], steps=steps,
+                           guidance=guidance, width=width, height=height, seed=0, dtype=dtype, vae_dtype=vae_dtype,
+                           device=device, backend="sdpa", compile=compile_, compile_mode=compile_mode,
+                           compile_vae=compile_vae, channels_last=channels_last, fuse_qkv=fuse_qkv, tf32=tf32,
+                           cudnn_benchmark=cudnn_benchmark, loras=lora or [], threads=threads, output_dir=output_dir)
+    options.validate()
+    use_threads(options)
     bar, on_progress = views.bench_progress(quiet)
 
     def keep_on_force(sum_up):  # a Ctrl-C inside one long operation: save what was measured from the watcher
@@ -417,7 +417,8 @@ def bench(
 
     try:
         with bar:
-            result = bn.bench(settings, sizes, repeats, names, find_max, max_batch, micro, on_progress,
+            run = bn.load(options, names)
+            result = bn.bench(run, options.speed, sizes, repeats, names, find_max, max_batch, micro, on_progress,
                               expose=keep_on_force)
     finally:
         interrupt.on_force(None)

@@ -257,11 +257,10 @@ class Router:
         ROUTERS[id(self)] = self
 
     @classmethod
-    def for_request(cls, requested: str, report: dict, device: str, fallback: bool | str = False,
-                    quantized: bool = False, preferred: dict | None = None, measure=None) -> "Router":
-        """`auto`, or one backend name: strict, or with `fallback` followed by auto's order (True) or by the one
-        backend named there (e.g. compare's reference)."""
-        machine = Machine(report, device)
+    def for_request(cls, requested: str, machine: Machine, fallback: bool | str = False, quantized: bool = False,
+                    preferred: dict | None = None, measure=None) -> "Router":
+        """`auto`, or one backend name, for the device of `machine`: strict, or with `fallback` followed by auto's
+        order (True) or by the one backend named there (e.g. compare's reference)."""
         if requested == AUTO:
             names = backends.auto_order(machine, quantized)
         else:

@@ -64,10 +64,10 @@ def compile_mode(mode: str, device: str) -> tuple[str, str | None]:
     return used, f"--compile-mode {mode} uses CUDA graphs, which need a CUDA GPU: compiled in {used} mode instead"
 
 
-def compile(pipe, mode: str, denoiser: bool = False, vae: bool = False) -> None:
+def compile(pipe, family: families.Family, mode: str, denoiser: bool = False, vae: bool = False) -> None:
     """torch.compile the denoiser's forward (the family's UNet or transformer) and/or the VAE's decode, in place."""
     if denoiser:
-        model = getattr(pipe, families.of_pipeline(pipe).denoiser)
+        model = getattr(pipe, family.denoiser)
         model.forward = Compiled(model, model.forward, mode)
     if vae:
         pipe.vae.decode = Compiled(pipe.vae, pipe.vae.decode, mode)

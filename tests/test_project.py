@@ -113,3 +113,21 @@ def test_every_error_and_its_exit_status_is_declared_in_one_module():
     assert not raises, f"views.py raises at lines {raises}"
     for path in (ROOT / "sdcli").glob("*.py"):
         assert "KeyError" not in path.read_text(), path
+
+
+def test_options_are_frozen_values():
+    """What a run is asked to do is made once and never written to: a variant is dataclasses.replace."""
+    from dataclasses import FrozenInstanceError, replace
+
+    import pytest
+
+    from sdcli import options
+
+    kinds = [options.Options, *options.GROUPS.values()]
+    assert all(kind.__dataclass_params__.frozen for kind in kinds)
+    given = options.Options.make("tiny", prompts=["a cat"], steps=2, fuse_qkv=True)
+    with pytest.raises(FrozenInstanceError):
+        given.work.seed = 1
+    variant = replace(given, speed=replace(given.speed, fuse_qkv=False))
+    assert given.speed.fuse_qkv and not variant.speed.fuse_qkv and variant.sampling is given.sampling
+    assert list(given.flat()) == list(options.FLAT) and given.flat()["prompts"] == ["a cat"]
