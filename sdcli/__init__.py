@@ -1,6 +1,7 @@
 """sdcli: Stable Diffusion with the fastest attention kernel that is correct on this GPU.
 
-The public API (see api.py and the README): `load`, `route`, `unroute`, `compile`, `doctor`, `compare` and `Plan`.
+The public API (see api.py and the README): `load`, `route`, `unroute`, `compile`, `Plan`, and the commands'
+`generate`, `compare`, `bench` and `doctor`.
 Importing the package is cheap on purpose: they load on first use, and torch and diffusers only inside them.
 """
 
@@ -8,7 +9,7 @@ from sdcli._version import __version__
 from sdcli.devices import out_of_memory
 from sdcli.errors import SdcliError
 
-API = ("load", "route", "unroute", "compile", "doctor", "compare", "Plan")
+API = ("load", "route", "unroute", "compile", "Plan", "generate", "compare", "bench", "doctor", "watch_ctrl_c")
 
 __all__ = ["__version__", "SdcliError", "out_of_memory", *API]
 

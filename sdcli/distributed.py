@@ -277,12 +277,12 @@ def finish(ranks: Ranks) -> None:
 # ----- one rank's run, start to end ------------------------------------------------------------------------
 
 
-def generate_share(options, ranks: Ranks, resume: bool, view, quiet: bool = False) -> int:
+def generate_share(options, ranks: Ranks, resume: bool, view) -> tuple[dict, int]:
     """This process's share of the work (under a launcher, or with --resume), recorded line by line; then
     every rank waits for the others, and rank 0 writes the manifest and reports. Other ranks print only errors.
-    A rank that fails says so at once, then waits too, so the others finish their shares. Returns the exit
-    status. `view` shows it all (sdcli.views.GenerateView): loading(quiet) and making(images, steps, quiet), two
-    contexts whose callbacks follow the run; report(summary, quiet), interrupted(text), error(text), warning(text)."""
+    A rank that fails says so at once, then waits too, so the others finish their shares. Returns rank 0's report
+    of every rank (another rank's: its own outcome), and this rank's exit status. `view` shows it all (sdcli.views.GenerateView): loading(quiet) and making(images, steps, quiet), two
+    contexts whose callbacks follow the run; show(summary, quiet), interrupted(text), error(text), warning(text)."""
     from sdcli import devices, hardware, pipeline
     from sdcli.images import attention_summary
 
@@ -290,6 +290,7 @@ def generate_share(options, ranks: Ranks, resume: bool, view, quiet: bool = Fals
     items = pipeline.work_items(options)
     mine = share(items, options.work.batch_size, ranks)
     several = ranks.world_size > 1
+    quiet = view.quiet
     speaks = ranks.main and not quiet
     run, done, error, code = None, {}, None, 0
     try:
@@ -333,6 +334,7 @@ def generate_share(options, ranks: Ranks, resume: bool, view, quiet: bool = Fals
                "peak_gpu_memory_gb": run.peak_memory_gb if run else None,
                "served": dict(run.router.served()) if run and run.router else {}}
     outcomes = gather(outcome, ranks)
+    summary = outcome
     try:
         if ranks.main:
             manifest = write_manifest(folder, merge(items, folder, ranks.world_size, resume))
@@ -340,7 +342,7 @@ def generate_share(options, ranks: Ranks, resume: bool, view, quiet: bool = Fals
                 view.warning("the ranks can't wait for each other here (no MASTER_ADDR/MASTER_PORT "
                           "from a launcher, or no torch.distributed), so the manifest lists only what was finished "
                           "by now; run the same command with --resume to complete it")
-            report_share(run, options, outcomes or [outcome], manifest, view, quiet or code != 0)
+            summary = sum_up_ranks(run, options, outcomes or [outcome], manifest, view, quiet or code != 0)
     except SdcliError as exc:  # said here, not after finish(): by then the launcher may be stopping this process
         view.error(str(exc))
         code = code or exc.exit_code
@@ -348,12 +350,13 @@ def generate_share(options, ranks: Ranks, resume: bool, view, quiet: bool = Fals
         sys.stdout.flush()
         sys.stderr.flush()
         finish(ranks)
-    return code
+    return summary, code
 
 
-def report_share(run, options, outcomes: list[dict], manifest: Path | None, view, quiet: bool) -> None:
-    """Rank 0's report: every rank's images in one summary, the manifest, and which ranks failed. Rank 0's
-    exit status stays its own, so that the launcher names the rank that failed as the root cause."""
+def sum_up_ranks(run, options, outcomes: list[dict], manifest: Path | None, view, quiet: bool) -> dict:
+    """Rank 0's report: every rank's images in one summary, the manifest, and which ranks failed; returns the
+    summary. Rank 0's exit status stays its own, so that the launcher names the rank that failed as the root
+    cause."""
     from sdcli import pipeline
 
     images = sorted((image for o in outcomes for image in o["images"]), key=lambda image: image["item"])
@@ -373,7 +376,7 @@ def report_share(run, options, outcomes: list[dict], manifest: Path | None, view
         "ranks": [{k: v for k, v in o.items() if k != "images"} | {"images": len(o["images"])} for o in outcomes],
     })
     failed = [o for o in outcomes if o["error"] and o["rank"] != 0]
-    view.report(summary, quiet)
+    view.show(summary, quiet)
     if summary["problems"] and not failed:
         raise BadImages(summary["problems"])
     if failed:  # each failed rank said what and where, and exits non-zero; this is the sum of it
@@ -382,3 +385,4 @@ def report_share(run, options, outcomes: list[dict], manifest: Path | None, view
         view.error(f"{len(failed)} of {len(outcomes)} ranks failed "
                    f"({'; '.join(o['error'] for o in failed)}); {n} finished image{'s' if n != 1 else ''} {listed}; "
                    f"{pipeline.resume_hint(options)}")
+    return summary

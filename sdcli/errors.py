@@ -45,19 +45,33 @@ class RunFailed(SdcliError):
 
 
 class CompareFailed(SdcliError):
-    """`sdcli compare`: a backend broke its bound or failed."""
+    """`sdcli compare`: backends broke their bound or failed."""
 
     exit_code = 1
 
+    def __init__(self, broken: list[str]):
+        super().__init__(f"{plural(len(broken), 'backend')} broke {'its' if len(broken) == 1 else 'their'} bound "
+                         f"or failed: {', '.join(broken)}")
+
 
 class BadImages(SdcliError):
-    """`sdcli generate` finished, but some images came out NaN or black (kept)."""
+    """`sdcli generate` finished, but some images came out NaN or black (kept; `summary`: the run, as its JSON)."""
 
     exit_code = 3
 
-    def __init__(self, problems: list[dict]):
+    def __init__(self, problems: list[dict], summary: dict | None = None):
         super().__init__(f"{plural(len(problems), 'image')} came out NaN or black (kept, see above): "
                          f"{problems[0]['problem']}")
+        self.summary = summary
+
+
+class Said(SdcliError):
+    """A run whose errors were said as they happened (each rank of a launched run says its own): only its exit
+    status is left to give."""
+
+    def __init__(self, exit_code: int):
+        super().__init__("")
+        self.exit_code = exit_code
 
 
 class Interrupted(SdcliError):

@@ -65,7 +65,7 @@ class Family:
         call = getattr(diffusers, pipe_class or self.pipelines[0]).__call__
         return inspect.signature(call).parameters["guidance_scale"].default
 
-    def check(self, scheduler: str, negative_prompt: str | None, width: int | None, height: int | None,
+    def refuse_unfit(self, scheduler: str, negative_prompt: str | None, width: int | None, height: int | None,
               fuse_qkv: bool = False) -> None:
         """Settings that only some families take fail here, in one line, before anything loads."""
         if fuse_qkv and self.no_fuse_qkv:

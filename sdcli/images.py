@@ -139,14 +139,14 @@ def save_png(image, folder: Path, stem: str, data: dict) -> Path:
 
 
 def check_writable(folder: Path) -> None:
-    """Can images be written to `folder`? Tried with a probe file; folders made for the probe are removed again,
+    """Can images be written to `folder`? Tried with a trial file; folders made for it are removed again,
     so a run that fails before its first image leaves no empty folder behind (writers make it: images.write_new)."""
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".sdcli-write-test-{os.getpid()}-{secrets.token_hex(4)}"  # pids repeat across nodes
-        probe.write_bytes(b"")
-        probe.unlink()
+        trial = folder / f".sdcli-write-test-{os.getpid()}-{secrets.token_hex(4)}"  # pids repeat across nodes
+        trial.write_bytes(b"")
+        trial.unlink()
     except OSError as exc:
         raise SdcliError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
     finally:

@@ -22,17 +22,6 @@ from sdcli.images import recipe, save_png
 from sdcli.options import Options
 
 
-def read_prompts_file(path: Path) -> list[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SdcliError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise SdcliError(f"prompts file {path} has no prompts (one per line)")
-    return prompts
-
-
 @dataclass(frozen=True)
 class Item:
     index: int
@@ -168,7 +157,7 @@ def resolve(options: Options) -> Options:
     options.validate()
     family = models.recognise(options.model)
     sampling = options.sampling
-    family.check(sampling.scheduler, sampling.negative_prompt, sampling.width, sampling.height, options.speed.fuse_qkv)
+    family.refuse_unfit(sampling.scheduler, sampling.negative_prompt, sampling.width, sampling.height, options.speed.fuse_qkv)
     return with_defaults(options, family.default_guidance)
 
 

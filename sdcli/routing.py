@@ -503,7 +503,7 @@ class Router:
         return [{"layer": l.name, "processors": [*l.processors], "why": dict(l.not_routed)}
                 for l in self.layers if l.not_routed]
 
-    def summary(self) -> list[dict]:
+    def groups(self) -> list[dict]:
         """Layers grouped by what decides the kernel: part, kind, heads×head_dim, dtype."""
         groups: dict[tuple, dict] = {}
         for l in self.layers:
@@ -525,7 +525,7 @@ class Router:
 
     def to_json(self) -> dict:
         return {"requested": self.requested, "strict": self.strict, "chain": [b.name for b in self.chain],
-                "served": dict(self.served()), "groups": self.summary(), "fallbacks": self.fallbacks(),
+                "served": dict(self.served()), "groups": self.groups(), "fallbacks": self.fallbacks(),
                 "not_routed": self.not_routed(), "layers": [l.to_json() for l in self.layers]}
 
 

@@ -89,12 +89,12 @@ class Compiled:
         self.eager = method
         self.compiled = torch.compile(method, mode=mode)
         # one attention module, whose processor says which router serves the model now
-        self.probe = next((m for m in module.modules() if isinstance(m, (Attention, AttentionModuleMixin))), None)
+        self.attention_module = next((m for m in module.modules() if isinstance(m, (Attention, AttentionModuleMixin))), None)
         self.router = None
         self.calls: dict[tuple, Counter] = {}  # input shapes -> the calls one forward makes, per layer and backend
 
     def __call__(self, *args, **kwargs):
-        router = self.router_of(self.probe) if self.probe is not None else None
+        router = self.router_of(self.attention_module) if self.attention_module is not None else None
         if router is not self.router:  # routed anew: new layers, no routes yet
             self.router, self.calls = router, {}
         shapes = input_shapes(args, kwargs)

@@ -150,7 +150,7 @@ def read_plan(path: Path) -> tuple[dict | None, str | None]:
         if path.is_dir():
             return None, "a folder, not a plan"
         plan = json.loads(path.read_bytes().decode())
-        validate.check(plan, validate.PLAN)
+        validate.conform(plan, validate.PLAN)
     except FileNotFoundError:
         return None, "missing"
     except OSError as exc:
@@ -179,7 +179,7 @@ def cached_plans(report: dict, device: str | None = None) -> tuple[list[dict], l
     return plans, skipped
 
 
-def summary(plan: dict) -> list[dict]:
+def plan_rows(plan: dict) -> list[dict]:
     """One row per shape: the choice and how much faster it is than the runner-up and than plain sdpa."""
     rows = []
     for e in plan["shapes"]:

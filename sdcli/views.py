@@ -171,14 +171,14 @@ def probe_progress(enabled: bool):
 
 def plan_table(plan: dict) -> Table:
     """A measured plan of `auto` (sdcli.tuning): per shape the choice, the runner-up and plain sdpa."""
-    from sdcli.tuning import summary
+    from sdcli.tuning import plan_rows
 
     k = plan["key"]
     t = Table(title=plain(f"Measured plan: {k['model']} {k['width']}x{k['height']}, batch {k['batch_size']}, "
                           f"{k['dtype']} on {k['machine']}"), title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("shape", "batch", "choice", "ms", "runner-up", "ms ", "sdpa ms", "failed the accuracy bound"):
         t.add_column(col, justify="right" if "ms" in col or col == "batch" else "left")
-    for r in summary(plan):
+    for r in plan_rows(plan):
         t.add_row(plain(r["shape"]), str(r["batch"]), plain(r["choice"] or "-"), _fmt(r["ms"], ".3f"),
                   plain(r["runner_up"] or "-"), _fmt(r["runner_up_ms"], ".3f"), _fmt(r["sdpa_ms"], ".3f"),
                   plain(", ".join(r["refused"])))
@@ -226,7 +226,7 @@ def making(images: int, steps: int, quiet: bool):
             bar.stop()
 
 
-def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
+def print_generate(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
     """A generate run's summary (one process's, or every rank's) as text or JSON."""
     if json_out:
         emit_json(summary)
@@ -306,8 +306,8 @@ class GenerateView:
     def making(self, images: int, steps: int, quiet: bool | None = None):
         return making(images, steps, (self.quiet if quiet is None else quiet) or not err.is_terminal)
 
-    def report(self, summary: dict, quiet: bool | None = None) -> None:
-        report(summary, self.json_out, self.quiet if quiet is None else quiet, self.verbose)
+    def show(self, summary: dict, quiet: bool | None = None) -> None:
+        print_generate(summary, self.json_out, self.quiet if quiet is None else quiet, self.verbose)
 
     interrupted = staticmethod(say)
     error = staticmethod(error)
@@ -375,17 +375,14 @@ def bench_progress(quiet: bool):
 
 def bench_kept(result: dict) -> str:
     """What an interrupted bench kept, in words."""
-    cut = result["interrupted"]
-    done = f"{cut['rows_done']} of {plural(cut['rows_planned'], 'configuration')} measured"
-    if not result.get("json"):
-        return f"{done}: nothing to keep"
-    return f"{done}, kept in {result['json']}" + (f" and {result['plot']}" if result.get("plot") else
-                                                   " (no plot: no configuration finished a point)")
+    from sdcli.benchmark import kept
+
+    return kept(result)
 
 
 def print_bench(r: dict) -> None:
     from sdcli.backends import Shape
-    from sdcli.bench import guidance_label
+    from sdcli.benchmark import guidance_label
 
     t = Table(title=plain(f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, {guidance_label(r)}, "
                           f"{r['dtype']} on {r['gpu']}: images/s (whole pipeline, median of {r['repeats']})"),

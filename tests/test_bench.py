@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import pixels, sdpa
-from sdcli.bench import largest_batch
+from sdcli.benchmark import largest_batch
 
 TINY_BENCH = ["--model", "tiny", "--steps", "2", "--repeats", "1"]
 CALLS_PER_IMAGE = 14 * 2 + 1  # 14 UNet attention layers × 2 steps (CFG batched) + the VAE decoder's

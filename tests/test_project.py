@@ -131,3 +131,8 @@ def test_options_are_frozen_values():
     variant = replace(given, speed=replace(given.speed, fuse_qkv=False))
     assert given.speed.fuse_qkv and not variant.speed.fuse_qkv and variant.sampling is given.sampling
     assert list(given.flat()) == list(options.FLAT) and given.flat()["prompts"] == ["a cat"]
+
+
+def test_the_cli_is_a_client_of_the_public_api():
+    """The commands parse, call sdcli's public API and draw (views); errors give the exit status. Nothing else."""
+    assert import_graph()["sdcli.cli"] <= {"sdcli", "sdcli.api", "sdcli.views", "sdcli.errors"}

@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 
 from sdcli import backends, devices, hardware, pipeline, routing, speed, timing, tuning
+from sdcli.errors import plural
 from sdcli.images import write_new
 from sdcli.options import Options, Speed
 
@@ -75,24 +76,24 @@ def largest_batch(fits, limit: int) -> tuple[int, list[tuple[int, bool]]]:
     Returns it (0 if not even 1 fits) and every (batch, fitted) tried."""
     tried = []
 
-    def check(b: int) -> bool:
+    def tried_at(b: int) -> bool:
         ok = fits(b)
         tried.append((b, ok))
         return ok
 
     good, bad, b = 0, None, 1
     while b <= limit:  # double until something does not fit
-        if not check(b):
+        if not tried_at(b):
             bad = b
             break
         good, b = b, b * 2
     if bad is None and good < limit:  # every doubling fitted: the limit itself is the last candidate
-        if check(limit):
+        if tried_at(limit):
             return limit, tried
         bad = limit
     while bad is not None and bad - good > 1:  # bisect between what fitted and what did not
         mid = (good + bad) // 2
-        if check(mid):
+        if tried_at(mid):
             good = mid
         else:
             bad = mid
@@ -363,6 +364,16 @@ def plot(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def kept(result: dict) -> str:
+    """What an interrupted bench kept, in words."""
+    cut = result["interrupted"]
+    done = f"{cut['rows_done']} of {plural(cut['rows_planned'], 'configuration')} measured"
+    if not result.get("json"):
+        return f"{done}: nothing to keep"
+    return f"{done}, kept in {result['json']}" + (f" and {result['plot']}" if result.get("plot") else
+                                                   " (no plot: no configuration finished a point)")
 
 
 def save(result: dict, folder) -> dict:
