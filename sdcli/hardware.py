@@ -365,7 +365,7 @@ class Machine:
 def use_threads(threads: int | None, device: str | None) -> str | None:
     """Give torch `threads` CPU threads (None: torch's own, one per core), and for a run on the CPU say when the
     machine is too busy for them. torch's threads wait for each other at every operation: with other processes on
-    the cores, a tiny image took 20-70 times as long with two threads as with one (docs/design.md, "Threads")."""
+    the cores, a tiny image took 20-70 times as long with two threads as with one (docs/notebook.md, "Threads")."""
     import torch
 
     if threads:

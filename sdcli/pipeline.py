@@ -329,10 +329,11 @@ def render(run: Run, batch: list[Item], on_step=None, steps: int | None = None):
 
     # both sides, always: diffusers' SD pipeline replaces a lone width (or height) with its default size
     width, height = run.size
+    # a negative prompt only when there is one: pipelines differ in what they take for none (None, "")
+    negative = {"negative_prompt": [sampling.negative_prompt] * len(batch)} if sampling.negative_prompt else {}
     with torch.inference_mode():
         images = pipe(
-            prompt=[item.prompt for item in batch],
-            negative_prompt=[sampling.negative_prompt] * len(batch) if sampling.negative_prompt else None,
+            prompt=[item.prompt for item in batch], **negative,
             num_inference_steps=steps or sampling.steps, guidance_scale=sampling.guidance, width=width, height=height,
             generator=generators, output_type="np", callback_on_step_end=step_end,
         ).images
