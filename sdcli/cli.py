@@ -198,9 +198,10 @@ BackendOpt = Annotated[str, typer.Option(
                             "a layer is an error unless --fallback.")]
 BUILTINS = ", ".join(api.BUILTIN_MODELS)
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", help=f"A built-in model ({BUILTINS}: offline, random weights; tiny* are small, *-arch are the "
-                          "full-size architectures, for bench), a Hub id, a diffusers folder, or a .safetensors/.ckpt "
-                          "file (its config comes from the Hub).")]
+    "--model", "-m", help=f"A built-in model ({BUILTINS}: offline; shapes is trained, 64² pictures of coloured "
+                          "shapes such as a red circle on a blue background; the others have random weights: tiny* "
+                          "are small, *-arch are the full-size architectures, for bench), a Hub id, a diffusers "
+                          "folder, or a .safetensors/.ckpt file (its config comes from the Hub).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on SM80+ GPUs, fp16 on older ones, fp32 on CPU), fp16, "
                                             "bf16 or fp32.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]

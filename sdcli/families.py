@@ -81,7 +81,7 @@ class Family:
 
 
 FAMILIES = [
-    Family("SD 1.x/2.x", ("StableDiffusionPipeline",), ("v1", "v2"), builtins=("tiny", "sd15-arch", "sd21-arch")),
+    Family("SD 1.x/2.x", ("StableDiffusionPipeline",), ("v1", "v2"), builtins=("shapes", "tiny", "sd15-arch", "sd21-arch")),
     Family("SDXL", ("StableDiffusionXLPipeline",), ("xl_base",), builtins=("tiny-sdxl", "sdxl-arch")),
     # an MMDiT: image and text tokens attend jointly; patch size 2 over 8× latents makes 16-pixel steps
     Family("SD 3/3.5", ("StableDiffusion3Pipeline",), ("sd3", "sd35_medium", "sd35_large"),

@@ -1,8 +1,10 @@
 """Models: the built-in offline ones, and loading real checkpoints from a folder, a file or the Hub cache.
 
-`tiny`, `tiny-sdxl`, `tiny-sd3` and `tiny-flux` are pipelines of each family with random weights that sdcli
-builds itself (denoiser, VAE, text encoders and byte-level tokenizers), deterministic and a few MB, so the
-whole path runs with no download. Their images are noise: they are for tests and demos, not pictures.
+`shapes` is a small SD 1.x pipeline that sdcli trained itself (sdcli/shapes.py, scripts/train_shapes.py): its
+weights ship in the package and it makes real pictures, of coloured shapes, offline. `tiny`, `tiny-sdxl`,
+`tiny-sd3` and `tiny-flux` are pipelines of each family with random weights that sdcli builds itself (denoiser,
+VAE, text encoders and byte-level tokenizers), deterministic and a few MB, so the whole path runs with no
+download. Their images are noise: they are for tests and demos, not pictures.
 A model's family is known before its weights load (families.py), so an unsupported one costs no download.
 """
 
@@ -212,6 +214,14 @@ def tiny_flux():
     return pipe
 
 
+def trained_shapes():
+    """`shapes`: the SD 1.x pipeline trained by scripts/train_shapes.py, from the weights inside the package. 64²."""
+    quiet_libraries()
+    from sdcli import shapes
+
+    return _eval(shapes.load())
+
+
 # ----- full-size architectures with random weights: for measuring speed and memory offline ---------------
 
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
@@ -334,7 +344,7 @@ def architecture(name: str, device: str = "cpu", dtype=None):
     return _eval(pipeline_cls(**parts))
 
 
-TINY = {"tiny": tiny, "tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux}
+TINY = {"shapes": trained_shapes, "tiny": tiny, "tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux}
 # name -> build(device, torch dtype)
 BUILTIN = {**{n: (lambda device, dtype, build=build: build()) for n, build in TINY.items()},
            **{n: (lambda device, dtype, n=n: architecture(n, device, dtype)) for n in ARCHITECTURES}}
