@@ -52,6 +52,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend
 
     from sdcli import backends, hardware, numerics, routing
+    from sdcli.errors import RoutingError
 
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     torch.set_num_threads(1)
@@ -76,7 +77,7 @@ def main() -> None:
             router = routing.route(attn, routing.Router([backend], machine, strict=True, requested=backend.name))
             try:
                 round_us(attn, True, hidden, 1, sync, clock)  # the first call chooses the route
-            except routing.RoutingError as exc:
+            except RoutingError as exc:
                 rows.append({"backend": backend.name, "error": str(exc)})
                 continue
             calls = max(10, min(args.calls, int(2e3 / round_us(attn, True, hidden, 3, sync, clock))))  # ~2 ms a round

@@ -30,7 +30,7 @@ def main() -> None:
     import torch
 
     from sdcli import backends, hardware, numerics
-    from sdcli.doctor import REFERENCE_SHAPES
+    from sdcli.diagnosis import REFERENCE_SHAPES
     from sdcli.backends import Shape
     from sdcli.hardware import Machine
 

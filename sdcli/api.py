@@ -1,4 +1,4 @@
-"""sdcli's Python API, for a script, notebook or service that already has a diffusers pipeline.
+"""sdcli's Python API, for a script, notebook or service; the `sdcli` commands are its first client.
 
     import sdcli
     pipe = sdcli.load("tiny")                  # or any diffusers pipeline of SD 1.x-3.5 or Flux.1
@@ -11,8 +11,12 @@
 
     sdcli.doctor()                             # what this machine can run, as `sdcli doctor --json`
     sdcli.compare(pipe, prompt="a lighthouse", seed=42)   # every backend against the most exact one
+    sdcli.generate(["a lighthouse"], "tiny", steps=2, seed=1)   # images on disk, as `sdcli generate --json`
+    sdcli.bench("tiny", batch_sizes=[1, 2], steps=2)          # the throughput experiment, as `sdcli bench --json`
 
-The `sdcli` commands are thin callers of these functions and of the modules behind them.
+`generate`, `compare` and `bench` take the options of their command by name (`steps=`, `backend=`, `fuse_qkv=`, ...:
+sdcli.options) and return what the command's `--json` prints. The `sdcli` commands do nothing else: they parse,
+call these functions, and draw the result (views.py).
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from sdcli import SdcliError, plural
+from sdcli import families, numerics
+from sdcli.errors import RoutingError, SdcliError, plural
+from sdcli.options import DEFAULT_MODEL
 
 AUTO = "auto"
+# What the commands' help and defaults say
+BUILTIN_MODELS = [name for family in families.FAMILIES for name in family.builtins]
+SIZE_STEPS = {family.name: family.size_multiple for family in families.FAMILIES}
+EXACT_TOL, QUANTIZED_TOL = numerics.EXACT_TOL, numerics.QUANTIZED_TOL
+REFERENCE = "sdpa-math"  # compare's reference: the most exact backend
 
 
 class Plan:
@@ -75,12 +86,12 @@ def device_of(pipe) -> str:
 
 
 @lru_cache(maxsize=None)
-def machine_report(device: str) -> dict:
-    """The hardware report, probed once per process and device (only that GPU is touched)."""
-    from sdcli import hardware
+def machine(device: str):
+    """This machine for `device` (a hardware.Machine), probed once per process and device (only that GPU is
+    touched)."""
+    from sdcli import devices, hardware
 
-    index = int(device.split(":")[1]) if device.startswith("cuda:") else None
-    return hardware.probe(only_gpu=index)
+    return hardware.Machine(hardware.probe(only_gpu=devices.gpu_index(device)), device)
 
 
 def load(model: str, device: str | None = None, dtype: str | None = None, loras: list[str] | None = None):
@@ -88,14 +99,14 @@ def load(model: str, device: str | None = None, dtype: str | None = None, loras:
     the Hub cache), a diffusers folder, or a .safetensors/.ckpt checkpoint. `device`: cpu, cuda or cuda:N (default:
     a GPU if torch can use one); `dtype`: fp16, bf16 or fp32 (default: as `sdcli generate` picks); `loras`:
     "FILE[:SCALE]" each, loaded through diffusers (PEFT). Nothing is routed yet: that is `route`."""
-    from sdcli import hardware, lora, models, numerics, pipeline, validate
+    from sdcli import devices, hardware, lora, models, numerics
 
-    validate.device(device)
+    devices.parse(device)
     if dtype is not None and dtype not in numerics.DTYPES:
         raise SdcliError(f"dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
     models.recognise(model)  # an unsupported model fails before its weights load
     report = hardware.probe(measure=dtype is None)  # the default dtype is the one measured to work
-    device = pipeline.choose_device(report, device)
+    device = devices.choose(report, device)
     pipe, _ = models.load(model, dtype or hardware.default_dtype(hardware.Machine(report, device)), device)
     lora.load(pipe, lora.parse_all(loras))
     return pipe
@@ -114,24 +125,20 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
     the first call at each new attention shape times every eligible backend at that shape (as `sdcli generate`
     does for its plan) and keeps the fastest within its accuracy bound, remembered for the process; `tune=False`
     takes the documented order instead. `device`: where to judge backends for (default: the pipeline's)."""
-    from sdcli import backends, hardware, routing, tuning
+    from sdcli import backends, routing, tuning
 
     device = device or device_of(pipe)
     measure = (lambda shape, machine: tuning.fastest(shape, machine, quantized)) if backend == AUTO and tune else None
-    try:
-        router = routing.Router.for_request(backend, machine_report(device), device, fallback, quantized,
-                                            measure=measure)
-    except KeyError as exc:
-        raise SdcliError(exc.args[0]) from None
+    router = routing.Router.for_request(backend, machine(device), fallback, quantized, measure=measure)
     if backend != AUTO:
-        verdict = backends.get(backend).verdict(hardware.Machine(machine_report(device), device))
+        verdict = backends.get(backend).verdict(machine(device))
         if not verdict.usable:
             raise SdcliError(f"backend {backend!r} can't run here ({verdict.status}): {verdict.reason}"
                              + (f"; fix: {verdict.fix}" if verdict.fix else "") + ' (sdcli.doctor() lists what can; '
                              'backend="auto" picks among them)')
     try:
         return Plan(pipe, routing.route(pipe, router))
-    except routing.RoutingError as exc:  # routing's words are the CLI's; the API has parameters, not options
+    except RoutingError as exc:  # routing's words are the CLI's; the API has parameters, not options
         text = str(exc).replace("Use --backend auto, or add --fallback", 'Use backend="auto", or fallback=True')
         raise SdcliError(text) from None
 
@@ -150,12 +157,12 @@ def compile(pipe, mode: str = "default", vae: bool = False) -> str:
     writes to none of its inputs and `mode="reduce-overhead"` keeps its CUDA graphs. `mode`: default,
     reduce-overhead or max-autotune; without a CUDA GPU there are no CUDA graphs and the mode without them is
     used. Returns the mode used. Route before or after, as you like."""
-    from sdcli import speed
+    from sdcli import families, speed
 
     if mode not in speed.COMPILE_MODES:
         raise SdcliError(f"mode must be one of {', '.join(speed.COMPILE_MODES)}, not {mode!r}")
     used, _ = speed.compile_mode(mode, device_of(pipe))
-    speed.compile(pipe, used, denoiser=True, vae=vae)
+    speed.compile(pipe, families.of_pipeline(pipe), used, denoiser=True, vae=vae)
     return used
 
 
@@ -165,30 +172,155 @@ def doctor(device: str | None = None, dtype: str | None = None, probe: bool = Fa
     report, verdicts, probe (with `probe=True`: each usable backend measured at SD's shapes; with `family`,
     e.g. "sdxl", that family's shapes only), plans and skipped_cache_files (files in auto's plan cache that
     are not plans, and why)."""
-    from sdcli import doctor as diagnosis
+    from sdcli import diagnosis
 
     return diagnosis.diagnose(Path(report) if report else None, probe, device, dtype, on_progress, family)
 
 
 def compare(pipe, prompt: str = "a photo of an astronaut riding a horse on mars", seed: int = 42, steps: int = 30,
             guidance: float | None = None, negative_prompt: str | None = None, width: int | None = None,
-            height: int | None = None, backends: list[str] | None = None, reference: str = "sdpa-math",
+            height: int | None = None, backends: list[str] | None = None, reference: str = REFERENCE,
             exact_tol: float | None = None, quantized_tol: float | None = None, output_dir: str | Path | None = None,
-            on_progress=None) -> dict:
-    """`sdcli compare` on `pipe`: the same prompt and seed through the reference and each backend (default:
-    every one usable here); a row per backend with its verdict and evidence. With `output_dir`, also the grid
-    PNG and the JSON report there (their paths under "grid" and "json"); without, the images as arrays under
-    "images". The pipeline's routing is put back as it was."""
-    from sdcli import compare as comparison
-    from sdcli import pipeline
+            on_progress=None, on_warning=None, **options) -> dict:
+    """`sdcli compare`: the same prompt and seed through the reference and each backend (default: every one usable
+    here); a row per backend with its verdict and evidence. `pipe`: a diffusers pipeline (its routing is put back as
+    it was), or a model as `--model` takes it, loaded with `options` (scheduler=, loras=, dtype=, vae_dtype=,
+    device=, threads=). With `output_dir`, also the grid PNG and the JSON report there (their paths under "grid" and
+    "json"); without, the images as arrays under "images". on_progress(text) hears what it is doing."""
+    from sdcli import comparison, pipeline
+    from sdcli.options import Options
 
     given = {"exact_tol": exact_tol, "quantized_tol": quantized_tol}
     thresholds = comparison.Thresholds(**{k: v for k, v in given.items() if v is not None})  # checked there
-    settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                                 width=width, height=height, seed=seed, backend=reference, output_dir=None)
-    run = pipeline.wrap(pipe, settings, machine_report(device_of(pipe)))
-    result = comparison.compare_run(run, backends, reference, thresholds, on_progress)
+    asked = dict(prompts=[prompt], negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width,
+                 height=height, seed=seed, backend=reference, output_dir=None, **options)
+    if isinstance(pipe, str):
+        run_options = Options.make(pipe, **asked)
+        use_threads(run_options, on_warning)
+        if on_progress:
+            on_progress(f"loading {pipe}")
+        run = comparison.load(run_options, backends, reference)
+    elif options:
+        raise SdcliError(f"{', '.join(options)}: for a model to load, not for a pipeline given (it has its own)")
+    else:
+        run = pipeline.wrap(pipe, Options.make(**asked), machine(device_of(pipe)))
+    result = comparison.compare(run, backends, reference, thresholds, on_progress)
     if output_dir is not None:
         return comparison.save(result, output_dir)
     images = result.pop("_images")
     return {**result, "images": images}
+
+
+def generate(prompts: list[str], model: str = DEFAULT_MODEL, resume: bool = False, view=None, **options) -> dict:
+    """`sdcli generate`: the images of `prompts` (each `num_images=` times, item n with seed `seed + n`) written to
+    `output_dir=` with their recipe, `options` by the command's option names (steps=, backend=, ...). Returns what
+    `--json` prints. With `resume`, the items already on disk are skipped (needs the first run's `seed`); under a
+    launcher (torchrun, `accelerate launch`) each process makes its share and rank 0 writes manifest.jsonl.
+    `view` shows it as it goes (views.GenerateView: loading, making, show, error, warning, interrupted); without
+    one nothing is drawn. A run that stops raises Interrupted or RunFailed, saying what it kept; images that come out
+    NaN or black raise BadImages after the run is reported (they are kept; `exc.summary` is the result)."""
+    from sdcli import distributed, pipeline
+    from sdcli.errors import BadImages, Said
+    from sdcli.options import Options
+
+    asked = Options.make(model, prompts=prompts, **options)
+    if resume and asked.work.seed is None:
+        raise SdcliError("--resume needs the --seed of the run it finishes (without one, seeds are random and "
+                         "no image on disk can match)")
+    resolved = pipeline.resolve(asked)  # bad input fails before the slow imports (--resume compares the defaults)
+    view = view or Unseen()
+    use_threads(resolved, view.warning)
+    ranks = distributed.detect()
+    if ranks.launched or resume:
+        summary, code = distributed.generate_share(resolved, ranks, resume, view)
+        if code:  # each rank has said what went wrong
+            raise Said(code)
+        return summary
+    with view.loading() as on_progress:
+        run = pipeline.prepare(resolved, on_progress=on_progress)
+    items = pipeline.work_items(run.options)
+    with view.making(len(items), resolved.sampling.steps) as (on_step, on_image):
+        pipeline.generate(run, items, on_step, on_image)
+    summary = run.to_json()
+    view.show(summary)
+    if summary["problems"]:
+        raise BadImages(summary["problems"], summary)
+    return summary
+
+
+def bench(model: str = "sd15-arch", batch_sizes: list[int] = (1, 2, 4, 8, 16), repeats: int = 3,
+          backends: list[str] | None = None, find_max: bool = True, max_batch: int = 256, micro: bool = True,
+          output_dir: str | Path | None = None, on_progress=None, on_warning=None, **options) -> dict:
+    """`sdcli bench`: images/s by batch size for stock diffusers, each backend (default: every exact one usable here)
+    and auto, and with speed options (fuse_qkv=, channels_last=, compile=, compile_vae=) stock and auto with them;
+    the largest batch that fits; with `micro`, every kernel alone at the model's shapes. `options` by the command's
+    option names (steps=50 unless given). With `output_dir`, the JSON and plot are written there (their paths
+    under "json" and "plot"), also when Ctrl-C cuts it short. on_progress(text, advance) hears each point."""
+    from sdcli import benchmark
+    from sdcli import interrupt
+    from sdcli.options import Options
+
+    if repeats < 1 or max_batch < 1:
+        raise SdcliError("--repeats and --max-batch must be at least 1")
+    batch_sizes = sorted(set(batch_sizes))
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise SdcliError(f"--batch-sizes needs positive numbers, not {batch_sizes}")
+    asked = Options.make(model, **{"prompts": ["a photo of an astronaut riding a horse on mars"], "steps": 50,
+                                   "seed": 0, "backend": "sdpa", "output_dir": output_dir, **options})
+    use_threads(asked, on_warning)
+
+    def keep_on_force(sum_up):  # a Ctrl-C inside one long operation: save what was measured from the watcher
+        if output_dir is not None:
+            interrupt.on_force(lambda: benchmark.kept(benchmark.save(sum_up(), output_dir)))
+
+    try:
+        run = benchmark.load(asked, backends)
+        result = benchmark.bench(run, asked.speed, batch_sizes, repeats, backends, find_max, max_batch, micro,
+                                  on_progress, expose=keep_on_force)
+    finally:
+        interrupt.on_force(None)
+    return benchmark.save(result, output_dir) if output_dir is not None else result
+
+
+def use_threads(options, on_warning=None) -> None:
+    """The options' CPU threads for torch, and a warning when a CPU run's threads would fight other processes for
+    the cores (on_warning(text))."""
+    from sdcli import hardware
+
+    note = hardware.use_threads(options.placement.threads, options.placement.device)
+    if note and on_warning:
+        on_warning(note)
+
+
+def watch_ctrl_c() -> None:
+    """Let Ctrl-C stop a run within seconds even inside one long torch operation, keeping what it finished (a
+    watcher thread, main thread only; the `sdcli` command does this). Without it, sdcli leaves signals alone."""
+    from sdcli import interrupt
+
+    interrupt.install()
+
+
+class Unseen:
+    """A generate run that nobody watches: it draws nothing (see views.GenerateView for one that does)."""
+
+    quiet = True
+
+    def loading(self, quiet=None):
+        return _nothing_to(None)
+
+    def making(self, images: int, steps: int, quiet=None):
+        return _nothing_to((None, None))
+
+    def show(self, summary: dict, quiet=None) -> None:
+        pass
+
+    def error(self, text: str) -> None:
+        pass
+
+    warning = interrupted = error
+
+
+def _nothing_to(value):
+    from contextlib import nullcontext
+
+    return nullcontext(value)

@@ -1,24 +1,28 @@
-"""Every attention backend sdcli knows, declared once.
+"""Attention backends: what one is (a declaration), the small checks it is judged by, and the registry.
 
-A backend is a name, a kind (exact or quantized), how to run it (a diffusers `AttentionBackendName`
-served through `dispatch_attention_fn`, or a function of its own) and a list of small checks. A check
-looks at a machine (a hardware report, see hardware.py) and, when given, one attention shape, and
-returns None or a Refusal that says why not and what to do. The first refusal is the verdict.
+A backend is one declaration (`Backend`): a name, a kind (exact or quantized), how to run it (a diffusers
+`AttentionBackendName` served through `dispatch_attention_fn`, or a function of its own), the package it needs
+(`Package`: how the hardware report finds it, the version, the fix), whether `auto` may use it and its place in
+auto's documented order, and its checks. A check looks at a machine (a hardware report, see hardware.py) and,
+when given, one attention shape, and returns None or a Refusal that says why not and what to do; the first
+refusal is the verdict. Everything else (doctor's package table, the report's packages, the plan key's versions,
+auto's order) is derived from the registered declarations.
 
-Other packages add backends through the entry-point group `sdcli.backends`: the entry point is a
-Backend, a list of them, or a function returning either.
+sdcli's own backends (builtins.py) and other packages' are registered the same way: see plugins.py.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from sdcli import error_line, kernels
-from sdcli.hardware import Machine
+from sdcli import plugins
+from sdcli.errors import UnknownBackend, error_line
+
+if TYPE_CHECKING:  # a check reads a machine; backends don't need the module that makes one
+    from sdcli.hardware import Machine
 
 EXACT = "exact"          # same maths as softmax(QK^T/sqrt(d))V, differences are rounding only
 QUANTIZED = "quantized"  # computes in lower precision on purpose (INT8/FP8): results move more
@@ -31,7 +35,6 @@ WRONG_VERSION = "wrong version"
 BROKEN = "broken install"
 UNSUPPORTED_GPU = "unsupported on this GPU"
 NEEDS_GPU = "needs a GPU"  # the run is on the CPU
-
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,97 @@ class Verdict:
         return self.status == USABLE
 
 
-# ----- checks: each returns None (fine) or a Refusal -------------------------------------------------
+# ----- checks: each returns None (fine) or a Refusal. `m` is a hardware.Machine ---------------------------------
 
-Check = Callable[[Machine, "Shape | None"], "Refusal | None"]
+Check = Callable[["Machine", "Shape | None"], "Refusal | None"]
+OTHER_BACKEND = "use another backend on this GPU (sdcli picks one with --backend auto)"
+
+
+def named(name: str, check: Check) -> Check:
+    check.__name__ = name  # what a broken plug-in's verdict calls it
+    return check
+
+
+def shape_check(name: str, why: Callable[[Shape], str | None], fix: str = "") -> Check:
+    """A limit of the kernel's shapes: `why(shape)` says why it can't take one (None: it can). Asked only for a
+    shape (a machine's verdict has none)."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        reason = why(shape) if shape else None
+        return Refusal(UNSUPPORTED_SHAPE, reason, fix) if reason else None
+
+    return named(name, check)
+
+
+def gpu_check(name: str, fits: Callable[[tuple[int, int]], bool], reason: Callable[[Machine], str]) -> Check:
+    """A limit of the kernel's GPU generations: `fits(compute_capability)`; asked only on a GPU that says it."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        cc = m.compute_capability
+        return Refusal(UNSUPPORTED_GPU, reason(m), OTHER_BACKEND) if m.is_cuda and cc and not fits(cc) else None
+
+    return named(name, check)
+
+
+def dtypes(*allowed: str) -> Check:
+    return shape_check(f"dtypes({','.join(allowed)})", lambda s: s.dtype not in allowed
+                       and f"takes {'/'.join(allowed)} only, not {s.dtype}", "run in --dtype fp16 or bf16")
+
+
+def head_dim_at_most(limit: int) -> Check:
+    return shape_check(f"head_dim_at_most({limit})", lambda s: s.head_dim > limit and f"head dim {s.head_dim} > {limit}")
+
+
+def head_dim_in(*dims: int) -> Check:
+    return shape_check(f"head_dim_in({dims})", lambda s: s.head_dim not in dims
+                       and f"head dim {s.head_dim} not in {'/'.join(map(str, dims))}")
+
+
+def kv_len_multiple_of(n: int, why: str) -> Check:
+    return shape_check(f"kv_len_multiple_of({n})", lambda s: bool(s.kv_len and s.kv_len % n)
+                       and f"{s.kv_len} keys, not a multiple of {n}: {why}")
+
+
+no_mask = shape_check("no_mask", lambda s: s.mask and "takes no attention mask")
+
+
+def sm_at_least(major: int, minor: int = 0, what: str = "") -> Check:
+    return gpu_check(f"sm_at_least({major}.{minor})", lambda cc: cc >= (major, minor),
+                     lambda m: f"needs SM{major}{minor}+{what}; {m.gpu_label} is too old")
+
+
+def sm_in(*ccs: tuple[int, int], what: str = "") -> Check:
+    names = "/".join(f"SM{a}{b}" for a, b in ccs)
+    return gpu_check(f"sm_in({names})", lambda cc: cc in ccs, lambda m: f"runs only on {names}{what}; this is {m.gpu_label}")
+
+
+def cuda_because(why: str = "", fix: str = "run on a CUDA GPU") -> Check:
+    """The kernel needs an NVIDIA GPU (with `why`: it runs on the CPU too, but is no use there; say why: measured)."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        if m.is_cuda:
+            return None
+        return Refusal(NEEDS_GPU, f"needs an NVIDIA GPU: {why}" if why else "needs an NVIDIA GPU; this run is on the CPU",
+                       fix)
+
+    return named("cuda_because" if why else "cuda", check)
+
+
+cuda = cuda_because()
+
+
+def on_cuda(inner: Check) -> Check:
+    """A limit of the CUDA kernel that torch's CPU kernel of the same name does not have."""
+    return named(f"on_cuda({inner.__name__})", lambda m, shape: inner(m, shape) if m.is_cuda else None)
+
+
+def fp8(m: Machine, shape: Shape | None) -> Refusal | None:
+    supported = m.dtype_supported("fp8_e4m3")
+    cc = m.compute_capability
+    if m.is_cuda and (supported is False or (supported is None and cc and cc < (8, 9))):
+        return Refusal(UNSUPPORTED_GPU, f"needs fp8 (SM89+: Ada, Hopper, Blackwell); {m.gpu_label} has none",
+                       "use the int8/fp16 variant: --backend sage")
+    return None
 
 
 def _version_tuple(v: str) -> tuple:
@@ -97,32 +188,33 @@ def torch_version(m: Machine) -> str | None:
     return m.package("torch").get("version") or m.report.get("torch", {}).get("version")
 
 
-def package(key: str, pip_name: str, min_version: str | None = None, how: str = "",
-            needed_by: str = "diffusers") -> Check:
-    """The package is installed, imports, and is new enough for diffusers' wrapper (or `needed_by`)."""
-    install = f"pip install '{pip_name}>={min_version}'" if min_version else f"pip install {pip_name}"
-    install += how
-
+def torch_at_least(version: str) -> Check:
     def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        info = m.package(key)
-        if not info.get("version") and not info.get("import_ok"):
-            return Refusal(NOT_INSTALLED, f"{pip_name} is not installed", install)
-        if min_version and info.get("version") and _version_tuple(info["version"]) < _version_tuple(min_version):
-            return Refusal(WRONG_VERSION, f"{pip_name} {info['version']} is installed; {needed_by} needs ≥ {min_version}",
-                           install.replace("pip install", "pip install -U", 1))
-        if info.get("import_ok") is False:
-            return Refusal(BROKEN, f"{pip_name} {info.get('version') or ''} fails to import: {info.get('error')}",
-                           f"reinstall it for torch {m.package('torch').get('version')}: {install} --force-reinstall")
+        have = torch_version(m)
+        if have and _version_tuple(have) < _version_tuple(version):
+            return Refusal(WRONG_VERSION, f"needs torch ≥ {version}, this is {have}", f"pip install -U 'torch>={version}'")
         return None
 
-    check.__name__ = f"package({key})"
-    return check
+    return named(f"torch_at_least({version})", check)
+
+
+def older_than(key: str, pip_name: str, below: str, fix: str) -> Check:
+    """The installed package is from before `below` (a newer line that other backends serve)."""
+
+    def check(m: Machine, shape: Shape | None) -> Refusal | None:
+        have = m.package(key).get("version")
+        if have and _version_tuple(have) >= _version_tuple(below):
+            return Refusal(WRONG_VERSION, f"{pip_name} {have} is installed; this backend is for < {below}", fix)
+        return None
+
+    return named(f"older_than({key}, {below})", check)
 
 
 def diffusers_accepts(name: str, key: str, how: str = "") -> Check:
     """diffusers' own requirement check accepts its backend `name` here (the report carries diffusers' verdict,
     see hardware.diffusers_backends): sdcli asks diffusers rather than copy its rules. `key`: the package it
-    judged. Placed after the checks that say more precisely what is wrong with the package."""
+    judged. Every backend with a diffusers name has it, after the checks of its package, which say more
+    precisely what is wrong with it."""
 
     def check(m: Machine, shape: Shape | None) -> Refusal | None:
         refusal = m.diffusers_refusal(name)
@@ -133,8 +225,7 @@ def diffusers_accepts(name: str, key: str, how: str = "") -> Check:
         return Refusal(WRONG_VERSION, f"{key} {m.package(key).get('version') or ''} is installed, but diffusers "
                                       f"can't use it: {refusal}", fix)
 
-    check.__name__ = f"diffusers_accepts({name})"
-    return check
+    return named(f"diffusers_accepts({name})", check)
 
 
 # xformers 0.0.35's _C.so links libcudart.so.12, which a CUDA 13 torch doesn't ship; this wheel does (lead:
@@ -173,127 +264,6 @@ def xformers_ops(m: Machine, shape: Shape | None) -> Refusal | None:
     if reasons:
         return Refusal(BROKEN, "; and ".join(reasons), "; and ".join(dict.fromkeys(fixes)))
     return None
-
-
-def cuda(m: Machine, shape: Shape | None) -> Refusal | None:
-    if not m.is_cuda:
-        return Refusal(NEEDS_GPU, "needs an NVIDIA GPU; this run is on the CPU", "run on a CUDA GPU")
-    return None
-
-
-def sm_at_least(major: int, minor: int = 0, what: str = "") -> Check:
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        cc = m.compute_capability
-        if m.is_cuda and cc and cc < (major, minor):
-            return Refusal(UNSUPPORTED_GPU, f"needs SM{major}{minor}+{what}; {m.gpu_label} is too old",
-                           "use another backend on this GPU (sdcli picks one with --backend auto)")
-        return None
-
-    check.__name__ = f"sm_at_least({major}.{minor})"
-    return check
-
-
-def sm_in(*ccs: tuple[int, int], what: str = "") -> Check:
-    names = "/".join(f"SM{a}{b}" for a, b in ccs)
-
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        cc = m.compute_capability
-        if m.is_cuda and cc and cc not in ccs:
-            return Refusal(UNSUPPORTED_GPU, f"runs only on {names}{what}; this is {m.gpu_label}",
-                           "use another backend on this GPU (sdcli picks one with --backend auto)")
-        return None
-
-    check.__name__ = f"sm_in({names})"
-    return check
-
-
-def on_cuda(inner: Check) -> Check:
-    """A limit of the CUDA kernel that torch's CPU kernel of the same name does not have."""
-
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        return inner(m, shape) if m.is_cuda else None
-
-    check.__name__ = f"on_cuda({inner.__name__})"
-    return check
-
-
-def dtypes(*allowed: str) -> Check:
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        if shape and shape.dtype not in allowed:
-            return Refusal(UNSUPPORTED_SHAPE, f"takes {'/'.join(allowed)} only, not {shape.dtype}",
-                           "run in --dtype fp16 or bf16")
-        return None
-
-    check.__name__ = f"dtypes({','.join(allowed)})"
-    return check
-
-
-def head_dim_at_most(limit: int) -> Check:
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        if shape and shape.head_dim > limit:
-            return Refusal(UNSUPPORTED_SHAPE, f"head dim {shape.head_dim} > {limit}")
-        return None
-
-    check.__name__ = f"head_dim_at_most({limit})"
-    return check
-
-
-def fp8(m: Machine, shape: Shape | None) -> Refusal | None:
-    supported = m.dtype_supported("fp8_e4m3")
-    cc = m.compute_capability
-    if m.is_cuda and (supported is False or (supported is None and cc and cc < (8, 9))):
-        return Refusal(UNSUPPORTED_GPU, f"needs fp8 (SM89+: Ada, Hopper, Blackwell); {m.gpu_label} has none",
-                       "use the int8/fp16 variant: --backend sage")
-    return None
-
-
-def no_mask(m: Machine, shape: Shape | None) -> Refusal | None:
-    if shape and shape.mask:
-        return Refusal(UNSUPPORTED_SHAPE, "takes no attention mask")
-    return None
-
-
-def torch_at_least(version: str) -> Check:
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        have = torch_version(m)
-        if have and _version_tuple(have) < _version_tuple(version):
-            return Refusal(WRONG_VERSION, f"needs torch ≥ {version}, this is {have}", f"pip install -U 'torch>={version}'")
-        return None
-
-    check.__name__ = f"torch_at_least({version})"
-    return check
-
-
-def cuda_because(why: str) -> Check:
-    """Like `cuda`, for a kernel that runs on the CPU too but is no use there (say why: measured)."""
-
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        if not m.is_cuda:
-            return Refusal(NEEDS_GPU, f"needs an NVIDIA GPU: {why}", "use sdpa on the CPU")
-        return None
-
-    check.__name__ = "cuda_because"
-    return check
-
-
-def head_dim_in(*dims: int) -> Check:
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        if shape and shape.head_dim not in dims:
-            return Refusal(UNSUPPORTED_SHAPE, f"head dim {shape.head_dim} not in {'/'.join(map(str, dims))}")
-        return None
-
-    check.__name__ = f"head_dim_in({dims})"
-    return check
-
-
-def kv_len_multiple_of(n: int, why: str) -> Check:
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        if shape and shape.kv_len and shape.kv_len % n:
-            return Refusal(UNSUPPORTED_SHAPE, f"{shape.kv_len} keys, not a multiple of {n}: {why}")
-        return None
-
-    check.__name__ = f"kv_len_multiple_of({n})"
-    return check
 
 
 def fa4_head_dim(m: Machine, shape: Shape | None) -> Refusal | None:
@@ -366,36 +336,80 @@ def torch_fa4_bridge(m: Machine, shape: Shape | None) -> Refusal | None:
     return None
 
 
-def older_than(key: str, pip_name: str, below: str, fix: str) -> Check:
-    """The installed package is from before `below` (a newer line that other backends serve)."""
 
-    def check(m: Machine, shape: Shape | None) -> Refusal | None:
-        have = m.package(key).get("version")
-        if have and _version_tuple(have) >= _version_tuple(below):
-            return Refusal(WRONG_VERSION, f"{pip_name} {have} is installed; this backend is for < {below}", fix)
+# ----- the declaration --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Package:
+    """A package a backend needs: how the hardware report finds it, how new it must be, and the fix."""
+
+    key: str                     # its entry in the report's `packages` (and in doctor's table)
+    dists: tuple[str, ...]       # distribution names to look up, pip's first (one kernel ships under several)
+    module: str                  # what must import
+    min_version: str | None = None
+    needed_by: str = "diffusers"  # who needs min_version: diffusers' wrapper, or sdcli for a kernel it calls itself
+    note: str = ""               # said after the pip command (a build from source, an extra for CUDA 13, ...)
+    health: Check | None = None  # a further check of the install (xformers' compiled ops)
+
+    def check(self, m: Machine, shape: Shape | None) -> Refusal | None:
+        """Installed, imports, and new enough."""
+        pip_name = self.dists[0]
+        install = f"pip install '{pip_name}>={self.min_version}'" if self.min_version else f"pip install {pip_name}"
+        install += self.note
+        info = m.package(self.key)
+        if not info.get("version") and not info.get("import_ok"):
+            return Refusal(NOT_INSTALLED, f"{pip_name} is not installed", install)
+        if self.min_version and info.get("version") and \
+                _version_tuple(info["version"]) < _version_tuple(self.min_version):
+            return Refusal(WRONG_VERSION, f"{pip_name} {info['version']} is installed; {self.needed_by} needs ≥ "
+                                          f"{self.min_version}", install.replace("pip install", "pip install -U", 1))
+        if info.get("import_ok") is False:
+            return Refusal(BROKEN, f"{pip_name} {info.get('version') or ''} fails to import: {info.get('error')}",
+                           f"reinstall it for torch {m.package('torch').get('version')}: {install} --force-reinstall")
         return None
 
-    check.__name__ = f"older_than({key}, {below})"
-    return check
+    def same_place(self, other: "Package") -> bool:
+        return (self.dists, self.module) == (other.dists, other.module)
 
 
-# ----- the registry -----------------------------------------------------------------------------------
+# What the hardware report records besides the backends' packages: sdcli's own libraries, and NVML's (after them).
+CORE = (Package("torch", ("torch",), "torch"), Package("diffusers", ("diffusers",), "diffusers"),
+        Package("transformers", ("transformers",), "transformers"))
+NVML = Package("pynvml", ("nvidia-ml-py", "pynvml"), "pynvml")
+PLAN_CORE = ("torch", "diffusers")  # the libraries whose versions a measured plan depends on, besides the kernels'
 
 
 @dataclass
 class Backend:
+    """One attention backend, declared once: everything sdcli knows of it derives from this."""
+
     name: str
     summary: str
     kind: str = EXACT
     diffusers_name: str | None = None  # run through diffusers' dispatch_attention_fn under this name
     attention: Callable | None = None  # or this: fn(q, k, v, attn_mask=None, scale=None), (B, S, H, D) layout
     checks: list[Check] = field(default_factory=list)
-    origin: str = "sdcli"              # or the distribution that registered it
+    package: Package | None = None     # the package it needs (checked first); None: torch's own
     in_auto: bool = True               # whether measured `auto` and `bench` try it (False: slow by design)
+    auto_rank: int | None = None       # its place in auto's documented order (--no-tune, --fallback), lowest
+                                       # first; None: auto takes it only where measured the fastest
+    origin: str = "sdcli"              # or the distribution that registered it
     release: str | None = None         # a plug-in's distribution version (+ a hash of its files if editable)
 
+    @cached_property
+    def requirements(self) -> list[Check]:
+        """The checks every backend of its sort has, before its own: its package's (installed, imports, new enough,
+        healthy; where its own checks list `package.check`, there instead), then, for a diffusers backend,
+        diffusers' own requirement check."""
+        package = [self.package.check, *([self.package.health] if self.package.health else [])] \
+            if self.package and self.package.check not in self.checks else []
+        accepts = [diffusers_accepts(self.diffusers_name, self.package.key if self.package else "torch",
+                                     self.package.note if self.package else "")] if self.diffusers_name else []
+        return package + accepts
+
     def verdict(self, machine: Machine, shape: Shape | None = None) -> Verdict:
-        for check in self.checks:
+        for check in (*self.requirements, *self.checks):
             try:
                 refusal = check(machine, shape)
                 if refusal is not None and not isinstance(refusal, Refusal):
@@ -430,7 +444,6 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 _PLUGIN_ERRORS: dict[str, str] = {}
 _plugins_loaded = False
-ENTRY_POINT_GROUP = "sdcli.backends"
 
 
 def register(backend: Backend, replace: bool = False) -> Backend:
@@ -440,6 +453,12 @@ def register(backend: Backend, replace: bool = False) -> Backend:
         raise ValueError(f"backend kind must be {EXACT!r} or {QUANTIZED!r}, not {backend.kind!r}")
     if (backend.diffusers_name is None) == (backend.attention is None):
         raise ValueError("a backend needs exactly one of diffusers_name or attention")
+    if backend.auto_rank is not None and not backend.in_auto:
+        raise ValueError(f"{backend.name}: a rank in auto's order needs in_auto")
+    known = {p.key: p for p in packages()}
+    if backend.package and backend.package.key in known and not backend.package.same_place(known[backend.package.key]):
+        raise ValueError(f"{backend.name}: package {backend.package.key!r} is declared elsewhere with other "
+                         "distributions or module")
     _REGISTRY[backend.name] = backend
     return backend
 
@@ -449,47 +468,27 @@ def unregister(name: str) -> None:
 
 
 def load_plugins() -> None:
-    """Register backends that other installed packages declare. A broken plugin is reported, not fatal."""
+    """Register sdcli's own backends, then those other installed packages declare (plugins.py), the same way.
+    A broken plug-in is reported, not fatal."""
     global _plugins_loaded
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in plugins.sources():
         try:
-            obj = ep.load()
-            items = obj() if callable(obj) and not isinstance(obj, Backend) else obj
-            items = list(items) if isinstance(items, (list, tuple)) else [items]
+            items = plugins.declared(ep.load())
             if not all(isinstance(b, Backend) for b in items):
                 raise TypeError(f"{ep.value} gives {', '.join(type(b).__name__ for b in items)}, not sdcli Backends")
             for backend in items:
-                if backend.origin == "sdcli":
-                    backend.origin = ep.dist.name if ep.dist else ep.value
-                backend.release = release(ep)
+                if ep.dist is not None:  # a plug-in's (sdcli's own come from no distribution's entry point)
+                    if backend.origin == "sdcli":
+                        backend.origin = ep.dist.name
+                    backend.release = plugins.release(ep)
                 register(backend)
         except Exception as exc:
+            if ep.dist is None:  # sdcli's own declarations: a bug, not a plug-in's fault
+                raise
             _PLUGIN_ERRORS[ep.name] = f"broken plug-in: {error_line(exc)}"
-
-
-def release(ep) -> str | None:
-    """A plug-in's version, for auto's plan key: its distribution's version, plus a hash of its module files
-    when it is installed editable (its code then changes without a new version)."""
-    import hashlib
-    import json
-    import sys
-    from pathlib import Path
-
-    version = ep.dist.version if ep.dist else None
-    try:
-        editable = json.loads(ep.dist.read_text("direct_url.json") or "{}").get("dir_info", {}).get("editable")
-    except (AttributeError, ValueError):
-        editable = False
-    if not editable:
-        return version
-    module = sys.modules[ep.module.split(".")[0]]  # loaded by ep.load()
-    roots = [Path(p) for p in getattr(module, "__path__", [])] or [Path(module.__file__)]
-    files = sorted(f for root in roots for f in ([root] if root.is_file() else root.rglob("*.py")))
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-    return f"{version}+src.{digest}"
 
 
 def all_backends() -> list[Backend]:
@@ -505,7 +504,7 @@ def plugin_errors() -> dict[str, str]:
 def get(name: str) -> Backend:
     load_plugins()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown attention backend {name!r}; known: {', '.join(_REGISTRY)}")
+        raise UnknownBackend(name, list(_REGISTRY))
     return _REGISTRY[name]
 
 
@@ -517,68 +516,32 @@ def usable_here(machine: Machine, shape: Shape | None = None, quantized: bool = 
             and b.verdict(machine, shape).usable]
 
 
-FLASH_HOW = " --no-build-isolation  (no wheel on PyPI: builds from source, needs the CUDA toolkit)"
-FLASH3_HOW = "  (build from flash-attention/hopper; Hopper GPUs only)"
-FLASH4_HOW = "  (a pre-release, compiled at first use; with a CUDA 13 torch: 'flash-attn-4[cu13]>=4.0.0b36')"
-SAGE2_HOW = "  (2.x builds from source: github.com/thu-ml/SageAttention; PyPI's 1.0.6 serves --backend sage1)"
-# Measured on the project's 2-core CPU (docs/design.md): compiling takes 0.3-17 s per shape, and the compiled
-# kernel was slower than sdpa at every shape tried. Every test that runs "each usable backend" would pay that.
-FLEX_ON_CPU = "on the CPU it compiles for seconds per shape and then runs slower than sdpa (measured)"
-SAGE1_PADDING = "SageAttention 1.0.6 lets the padding keys into the softmax (relative error 0.29 at 77 keys)"
-half = dtypes("fp16", "bf16")
-fa4_installed = package("flash_attn_4", "flash-attn-4", "4.0.0b36", FLASH4_HOW, needed_by="sdcli")
+# ----- what derives from the registered declarations ----------------------------------------------------------------
 
-for _b in [
-    Backend("sdpa", "PyTorch scaled_dot_product_attention; torch picks the kernel", diffusers_name="native"),
-    Backend("sdpa-flash", "PyTorch SDPA, FlashAttention-2 kernel only", diffusers_name="_native_flash",
-            checks=[on_cuda(sm_at_least(8, 0)), on_cuda(half), on_cuda(head_dim_at_most(256)), no_mask]),
-    Backend("sdpa-efficient", "PyTorch SDPA, memory-efficient (xformers-derived) kernel only",
-            diffusers_name="_native_efficient", checks=[cuda, sm_at_least(5, 0)]),
-    Backend("sdpa-cudnn", "PyTorch SDPA, cuDNN attention kernel only", diffusers_name="_native_cudnn",
-            checks=[cuda, sm_at_least(8, 0), half, head_dim_at_most(128)]),
-    Backend("sdpa-math", "PyTorch SDPA, reference math kernel (slow, the most exact)", diffusers_name="_native_math",
-            in_auto=False),  # materialises the whole score matrix: the reference, never the fastest
-    Backend("flex", "PyTorch flex_attention (slow unless compiled)", diffusers_name="flex",
-            checks=[diffusers_accepts("flex", "torch")], in_auto=False),  # eager flex is unfused
-    Backend("flex-compiled", "PyTorch flex_attention, compiled once per shape", attention=kernels.flex_compiled,
-            checks=[torch_at_least("2.5"), cuda_because(FLEX_ON_CPU),
-                    package("triton", "triton", needed_by="torch.compile"), flex_head_dim],
-            in_auto=False),  # a compile per shape: every auto plan, bench and default generate would pay them all
-    Backend("flash-attn", "FlashAttention-2 (flash-attn package)", diffusers_name="flash",
-            checks=[package("flash_attn", "flash-attn", how=FLASH_HOW),
-                    diffusers_accepts("flash", "flash_attn", FLASH_HOW), cuda, sm_at_least(8, 0),
-                    half, head_dim_at_most(256), no_mask]),
-    Backend("flash-attn-3", "FlashAttention-3 for Hopper (flash_attn_interface)", diffusers_name="_flash_3",
-            checks=[package("flash_attn_3", "flash-attn-3", how=FLASH3_HOW),
-                    diffusers_accepts("_flash_3", "flash_attn_3"),
-                    cuda, sm_in((9, 0)), half, head_dim_at_most(256), no_mask]),
-    Backend("flash-attn-4", "FlashAttention-4 (flash-attn-4, CuTe DSL)", attention=kernels.flash_attn_4,
-            checks=[fa4_installed, cuda, sm_at_least(8, 0), half, fa4_head_dim, no_mask]),
-    Backend("sdpa-fa4", "PyTorch SDPA with torch's FlashAttention-4 implementation swapped in",
-            attention=kernels.sdpa_fa4,
-            checks=[fa4_installed, torch_flash_impl("FA4"), torch_fa4_bridge, cuda, fa4_head_dim, no_mask]),
-    Backend("xformers", "xFormers memory_efficient_attention", diffusers_name="xformers",
-            checks=[package("xformers", "xformers"), xformers_ops, diffusers_accepts("xformers", "xformers"), cuda,
-                    sm_at_least(5, 0)]),
-    Backend("sage", "SageAttention 2: INT8 QK, fp16/fp8 PV", kind=QUANTIZED, diffusers_name="sage",
-            checks=[package("sageattention", "sageattention", how=SAGE2_HOW),
-                    diffusers_accepts("sage", "sageattention", SAGE2_HOW),
-                    cuda, sm_in((8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1)),
-                    half, head_dim_at_most(128), no_mask]),
-    Backend("sage-fp8", "SageAttention 2: INT8 QK, FP8 PV (Ada, Blackwell)", kind=QUANTIZED,
-            diffusers_name="_sage_qk_int8_pv_fp8_cuda",
-            checks=[package("sageattention", "sageattention"),
-                    diffusers_accepts("_sage_qk_int8_pv_fp8_cuda", "sageattention"), cuda, fp8,
-                    sm_in((8, 9), (12, 0), (12, 1), what=" (its SM90 twin is sage-fp8-sm90)"),
-                    half, head_dim_at_most(128), no_mask]),
-    Backend("sage-fp8-sm90", "SageAttention 2: INT8 QK, FP8 PV, Hopper kernel", kind=QUANTIZED,
-            diffusers_name="_sage_qk_int8_pv_fp8_cuda_sm90",
-            checks=[package("sageattention", "sageattention"),
-                    diffusers_accepts("_sage_qk_int8_pv_fp8_cuda_sm90", "sageattention"), cuda, fp8, sm_in((9, 0)),
-                    half, head_dim_at_most(128), no_mask]),
-    Backend("sage1", "SageAttention 1 (Triton): INT8 QK, fp16 PV", kind=QUANTIZED, attention=kernels.sage1,
-            checks=[package("sageattention", "sageattention", "1.0.6", needed_by="sage1"),
-                    older_than("sageattention", "sageattention", "2", "SageAttention 2 serves --backend sage"),
-                    cuda, head_dim_in(64, 96, 128), no_mask, kv_len_multiple_of(64, SAGE1_PADDING)]),
-]:
-    register(_b)
+
+def packages() -> list[Package]:
+    """Every package the hardware report records (and doctor's table lists): sdcli's core libraries, each registered
+    backend's package once, in the order they registered, then NVML's library."""
+    seen = {p.key: p for p in CORE}
+    for backend in all_backends():
+        if backend.package and backend.package.key not in seen:
+            seen[backend.package.key] = backend.package
+    return [*seen.values(), *([NVML] if NVML.key not in seen else [])]
+
+
+def plan_versions() -> tuple[str, ...]:
+    """The packages whose versions key auto's measured plans: torch, diffusers, and every backend's package."""
+    return (*PLAN_CORE, *(p.key for p in packages() if p not in CORE and p is not NVML))
+
+
+def auto_order(machine: Machine, quantized: bool = False) -> list[str]:
+    """The documented order of `--backend auto` without measuring (`--no-tune`, and after a named backend with
+    `--fallback`): the backends that declare a rank, lowest first, exact ones only unless quantized ones are asked
+    for. On a GPU every ranked backend, whose checks then refuse the layers it can't take and say why. On the CPU
+    the ranked backends that run there, less torch's single-kernel SDPA variants: plain SDPA already picks its
+    CPU flash kernel, so with sdcli's own backends that is `sdpa` alone."""
+    ranked = sorted((b for b in all_backends() if b.auto_rank is not None and (quantized or b.kind == EXACT)),
+                    key=lambda b: b.auto_rank)
+    if not machine.is_cuda:
+        ranked = [b for b in ranked if not (b.diffusers_name or "").startswith("_native_") and b.verdict(machine).usable]
+    return [b.name for b in ranked]

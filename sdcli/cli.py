@@ -1,12 +1,13 @@
 """The `sdcli` command: typer commands and their options, and nothing else.
 
-Each command parses its options, calls the Python API or the module that does the work, and hands the
-result to views.py. Only typer and rich load at start-up; torch and diffusers load inside the
-commands that need them, so `sdcli --help` and completions stay fast.
+Each command parses its options, calls sdcli's public Python API (api.py) and hands the result to views.py; the
+exit status is the error's (errors.py). Only typer, rich and sdcli's light modules load at start-up; torch and
+diffusers load inside the API calls, so `sdcli --help` and completions stay fast.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from typer.core import TyperGroup
 
-from sdcli import SdcliError, __version__, families, interrupt, validate, views
-from sdcli.numerics import EXACT_TOL, QUANTIZED_TOL
+import sdcli
+from sdcli import api, views
+from sdcli.errors import CompareFailed, Interrupted, SdcliError
 
 # flex warns on every eager call; `sdcli doctor` already labels it "slow unless compiled"
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -63,9 +65,11 @@ class Group(TyperGroup):
         except KeyboardInterrupt:  # e.g. while the model loads: nothing made yet (a command keeps what it made)
             views.err.print("interrupted", soft_wrap=True)
             raise typer.Exit(130) from None
+        except Interrupted as exc:  # what it kept, and how to go on: said as it is, not as an error
+            views.say(str(exc))
+            raise typer.Exit(exc.exit_code) from None
         except SdcliError as exc:
-            if str(exc):  # an interrupted run has said what it kept already
-                views.error(str(exc))
+            views.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:
             if os.environ.get("SDCLI_DEBUG"):
@@ -96,7 +100,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 
 def version_callback(value: bool) -> None:
     if value:
-        views.out.print(f"sdcli {__version__}")
+        views.out.print(f"sdcli {sdcli.__version__}")
         raise typer.Exit()
 
 
@@ -106,6 +110,48 @@ def root(
                                                     help="Print the version and exit.")] = None,
 ) -> None:
     """sdcli: doctor, generate, compare, bench."""
+
+
+# ----- what the options' text means ---------------------------------------------------------------------------
+
+
+def finite(value: float | None) -> float | None:
+    """typer callback for every float option: `nan`, `inf` and `1e400` parse as floats but mean nothing here."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, not {value}")
+    return value
+
+
+def names(text: str | None, option: str) -> list[str] | None:
+    """A comma-separated list of names: None when the option is not given; when given, at least one name."""
+    if text is None:
+        return None
+    items = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not items:
+        raise SdcliError(f"{option} needs at least one name, not {text!r}")
+    return items
+
+
+def whole_numbers(text: str, option: str) -> list[int]:
+    """Comma-separated positive whole numbers, sorted, each once."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SdcliError(f"{option} takes comma-separated whole numbers, like 1,2,4,8; not {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise SdcliError(f"{option} needs positive numbers, not {text!r}")
+    return sorted(set(values))
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SdcliError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SdcliError(f"prompts file {path} has no prompts (one per line)")
+    return prompts
 
 
 # ----- doctor -----------------------------------------------------------------------------------------
@@ -124,8 +170,6 @@ def doctor(
         help="Judge and probe only the layer shapes of this model family: sd1, sd2, sdxl, sd3.5, flux or vae.")] = None,
 ) -> None:
     """What this machine can run: GPU, packages, and a verdict with a fix for every attention backend."""
-    from sdcli import api
-
     bar, on_progress = views.probe_progress(enabled=probe and not json_out)
     with bar:
         result = api.doctor(device=device, dtype=dtype, probe=probe, report=report, on_progress=on_progress,
@@ -142,17 +186,8 @@ def doctor(
         raise typer.Exit(130)
 
 
-def use_threads(settings) -> None:
-    """--threads, and a warning when a CPU run's threads would fight other processes for the cores."""
-    from sdcli import hardware
-
-    note = hardware.use_threads(settings.threads, settings.device)
-    if note:
-        views.warning(note)
-
-
 def main() -> None:
-    interrupt.install()  # Ctrl-C answers even inside one long torch operation
+    api.watch_ctrl_c()  # Ctrl-C answers even inside one long torch operation
     app(prog_name="sdcli")  # also under `python -m sdcli`, so completion and usage say `sdcli`
 
 
@@ -161,7 +196,7 @@ def main() -> None:
 BackendOpt = Annotated[str, typer.Option(
     "--backend", "-b", help="auto, or an attention backend (see `sdcli doctor`). A named backend that can't serve "
                             "a layer is an error unless --fallback.")]
-BUILTINS = ", ".join(name for family in families.FAMILIES for name in family.builtins)
+BUILTINS = ", ".join(api.BUILTIN_MODELS)
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", help=f"A built-in model ({BUILTINS}: offline; shapes is trained, 64² pictures of coloured "
                           "shapes such as a red circle on a blue background; the others have random weights: tiny* "
@@ -177,8 +212,8 @@ NegativeOpt = Annotated[Optional[str], typer.Option("--negative-prompt", "-n", h
 StepsOpt = Annotated[int, typer.Option(help="Denoising steps.")]
 GuidanceOpt = Annotated[Optional[float], typer.Option(
     help="Guidance scale; default: the pipeline's own. Classifier-free guidance (doubles the denoiser's batch) for SD "
-         "1.x to 3.5; for Flux, the distilled guidance the model takes as an input.", callback=validate.finite)]
-SIZE_STEPS = "; ".join(f"{f.name}: a multiple of {f.size_multiple}" for f in families.FAMILIES)
+         "1.x to 3.5; for Flux, the distilled guidance the model takes as an input.", callback=finite)]
+SIZE_STEPS = "; ".join(f"{family}: a multiple of {step}" for family, step in api.SIZE_STEPS.items())
 WidthOpt = Annotated[Optional[int], typer.Option(help=f"Pixels ({SIZE_STEPS}); default: the model's native size.")]
 HeightOpt = Annotated[Optional[int], typer.Option(help=f"Pixels ({SIZE_STEPS}); default: the model's native size.")]
 LoraOpt = Annotated[Optional[list[str]], typer.Option(
@@ -256,34 +291,17 @@ def generate(
     """Text to image, with attention routed per layer to the chosen backend. Images keep their recipe.
 
     Under torchrun or `accelerate launch`, each process makes its share and rank 0 writes manifest.jsonl."""
-    from sdcli import distributed, pipeline
-
     if prompt and prompts_file:
         raise SdcliError("give a PROMPT or --prompts-file, not both")
-    prompts = pipeline.read_prompts_file(prompts_file) if prompts_file else [prompt] if prompt else []
-    settings = pipeline.Settings(
-        prompts=prompts, negative_prompt=negative_prompt, model=model, steps=steps, guidance=guidance,
-        width=width, height=height, seed=seed, batch_size=batch_size, num_images=num_images, scheduler=scheduler,
-        dtype=dtype, vae_dtype=vae_dtype, device=device, backend=backend, fallback=fallback, quantized=quantized,
-        tune=tune, retune=retune, compile=compile_, compile_mode=compile_mode, compile_vae=compile_vae,
-        channels_last=channels_last, fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark,
-        loras=lora or [], threads=threads, output_dir=output_dir)
-    if resume and seed is None:
-        raise SdcliError("--resume needs the --seed of the run it finishes (without one, seeds are random and "
-                         "no image on disk can match)")
-    settings.validate()  # fail on bad input before the slow imports
-    settings.apply_family()  # and on settings the model's family can't take (--resume compares its defaults)
-    use_threads(settings)
-    ranks = distributed.detect()
-    view = views.GenerateView(json_out, quiet, verbose)
-    if ranks.launched or resume:
-        code = distributed.generate_share(settings, ranks, resume, view, quiet)
-        if code:
-            raise typer.Exit(code)
-        return
-    run = view.prepare(settings)
-    view.generate(run, pipeline.work_items(settings))
-    view.report(run.summary())
+    prompts = read_prompts_file(prompts_file) if prompts_file else [prompt] if prompt else []
+    sdcli.generate(
+        prompts, model, resume=resume, view=views.GenerateView(json_out, quiet, verbose),
+        negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width, height=height, seed=seed,
+        batch_size=batch_size, num_images=num_images, scheduler=scheduler, dtype=dtype, vae_dtype=vae_dtype,
+        device=device, backend=backend, fallback=fallback, quantized=quantized, tune=tune, retune=retune,
+        compile=compile_, compile_mode=compile_mode, compile_vae=compile_vae, channels_last=channels_last,
+        fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark, loras=lora or [], threads=threads,
+        output_dir=output_dir)
 
 
 # ----- compare ------------------------------------------------------------------------------------------
@@ -302,10 +320,10 @@ def compare(
         help="Exact kernels may err at most this many times the rounding of the exact result to the run's dtype "
              "(fp32: fp32 arithmetic's own error), in every layer. Correct kernels measured 0.96-1.45×, planted "
              "faults (scale 1% off, a key dropped, 0.4% bias) 3.6× and more: docs/bound.md.",
-        callback=validate.finite)] = EXACT_TOL,
+        callback=finite)] = api.EXACT_TOL,
     quantized_tol: Annotated[float, typer.Option(
         help="Quantized kernels may err at most this much in every layer (relative L2 error at kernel level).",
-        callback=validate.finite)] = QUANTIZED_TOL,
+        callback=finite)] = api.QUANTIZED_TOL,
     steps: StepsOpt = 30,
     guidance: GuidanceOpt = None,
     width: WidthOpt = None,
@@ -321,21 +339,14 @@ def compare(
     quiet: QuietOpt = False,
 ) -> None:
     """The same seed through every backend: same image or not, how far off, how fast. Exit 1 if any breaks its bound."""
-    from sdcli import compare as cmp
-    from sdcli import pipeline
-
-    thresholds = cmp.Thresholds(exact_tol, quantized_tol)
-    names = validate.names(backends_, "--backends")
-    settings = pipeline.Settings(prompts=[prompt], negative_prompt=negative_prompt, model=model, steps=steps,
-                                 guidance=guidance, width=width, height=height, seed=seed, scheduler=scheduler,
-                                 dtype=dtype, vae_dtype=vae_dtype, device=device, backend=reference,
-                                 loras=lora or [], threads=threads, output_dir=output_dir)
-    settings.validate()
-    use_threads(settings)
     spinner, on_progress = views.status("comparing", quiet)
     with spinner:
-        result = cmp.compare(settings, names, reference, thresholds, on_progress)
-    result = cmp.save(result, output_dir)
+        result = sdcli.compare(
+            model, prompt=prompt, seed=seed, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+            width=width, height=height, backends=names(backends_, "--backends"), reference=reference,
+            exact_tol=exact_tol, quantized_tol=quantized_tol, output_dir=output_dir, on_progress=on_progress,
+            on_warning=views.warning, scheduler=scheduler, loras=lora or [], dtype=dtype, vae_dtype=vae_dtype,
+            device=device, threads=threads)
     if json_out:
         views.emit_json(result)
     elif not quiet:
@@ -346,7 +357,9 @@ def compare(
                           f"{result['json']} and {result['grid']}; to finish, run the same command with --backends "
                           f"{','.join(cut['left'])}")
         raise typer.Exit(130)
-    cmp.check(result)
+    broken = [r["backend"] for r in result["rows"] if r["verdict"] in ("FAIL", "failed")]
+    if broken:
+        raise CompareFailed(broken)
 
 
 # ----- bench --------------------------------------------------------------------------------------------
@@ -386,37 +399,19 @@ def bench(
 ) -> None:
     """The throughput experiment: images/s by batch size for stock diffusers, each backend and auto (and, with speed
     options, stock diffusers and auto with them); largest batch."""
-    from sdcli import bench as bn
-    from sdcli import pipeline
-
-    sizes = validate.whole_numbers(batch_sizes, "--batch-sizes")
-    if repeats < 1 or max_batch < 1:
-        raise SdcliError("--repeats and --max-batch must be at least 1")
-    names = validate.names(backends_, "--backends")
-    settings = pipeline.Settings(prompts=["a photo of an astronaut riding a horse on mars"], model=model, steps=steps,
-                                 guidance=guidance, width=width, height=height, seed=0, dtype=dtype,
-                                 vae_dtype=vae_dtype, device=device, backend="sdpa", compile=compile_,
-                                 compile_mode=compile_mode, compile_vae=compile_vae, channels_last=channels_last,
-                                 fuse_qkv=fuse_qkv, tf32=tf32, cudnn_benchmark=cudnn_benchmark, loras=lora or [],
-                                 threads=threads, output_dir=output_dir)
-    settings.validate()
-    use_threads(settings)
     bar, on_progress = views.bench_progress(quiet)
-
-    def keep_on_force(sum_up):  # a Ctrl-C inside one long operation: save what was measured from the watcher
-        interrupt.on_force(lambda: views.bench_kept(bn.save(sum_up(), output_dir)))
-
-    try:
-        with bar:
-            result = bn.bench(settings, sizes, repeats, names, find_max, max_batch, micro, on_progress,
-                              expose=keep_on_force)
-    finally:
-        interrupt.on_force(None)
-    result = bn.save(result, output_dir)
+    with bar:
+        result = sdcli.bench(
+            model, batch_sizes=whole_numbers(batch_sizes, "--batch-sizes"), repeats=repeats,
+            backends=names(backends_, "--backends"), find_max=find_max, max_batch=max_batch, micro=micro,
+            output_dir=output_dir, on_progress=on_progress, on_warning=views.warning, compile=compile_,
+            compile_mode=compile_mode, compile_vae=compile_vae, channels_last=channels_last, fuse_qkv=fuse_qkv,
+            tf32=tf32, cudnn_benchmark=cudnn_benchmark, loras=lora or [], steps=steps, guidance=guidance,
+            width=width, height=height, dtype=dtype, vae_dtype=vae_dtype, device=device, threads=threads)
     if json_out:
         views.emit_json(result)
     elif not quiet:
         views.print_bench(result)
     if result.get("interrupted"):
-        views.err.print(f"interrupted: {views.bench_kept(result)}", markup=False, soft_wrap=True)
+        views.interrupted(views.bench_kept(result))
         raise typer.Exit(130)

@@ -15,10 +15,10 @@ import json
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sdcli import SdcliError
+from sdcli.errors import BadImages, Interrupted, SdcliError
 
 MANIFEST = "manifest.jsonl"
 PARTS = ".sdcli-manifest"  # one part file per rank, next to the images
@@ -82,12 +82,12 @@ def device_for(ranks: Ranks, requested: str | None) -> str | None:
 
 # ----- --resume: what is already done -------------------------------------------------------------------
 
-def finished(items: list, settings) -> dict[int, Path]:
+def finished(items: list, options) -> dict[int, Path]:
     """Items already done: `<stem>.png` is a complete PNG whose recipe is this item's. Removes these items'
     leftover temp files and broken `<stem>.png`s, so each item left is made again under its own name."""
     from sdcli.images import PIXEL_SETTINGS, pixel_settings
 
-    folder = settings.output_dir
+    folder = options.work.output_dir
     names = set(os.listdir(folder)) if folder.is_dir() else set()  # made at the first image
     stems = {item.stem: item for item in items}
     for name in names:  # temp files of a killed run: .<stem>.<pid>.partial.png
@@ -110,7 +110,7 @@ def finished(items: list, settings) -> dict[int, Path]:
                              "by an older sdcli); write to another --output-dir")
         theirs = {"item": recipe.get("item"), "seed": recipe.get("seed"), "prompt": recipe.get("prompt"),
                   **{key: recipe["settings"].get(key) for key in PIXEL_SETTINGS}}
-        ours = {"item": item.index, "seed": item.seed, "prompt": item.prompt, **pixel_settings(settings)}
+        ours = {"item": item.index, "seed": item.seed, "prompt": item.prompt, **pixel_settings(options)}
         if theirs != ours:  # an image made otherwise has other pixels: not this run's
             key = next(k for k in ours if theirs[k] != ours[k])
             raise SdcliError(f"--resume: {path} was made with {key} {theirs[key]!r}, this run has {ours[key]!r}; "
@@ -277,35 +277,42 @@ def finish(ranks: Ranks) -> None:
 # ----- one rank's run, start to end ------------------------------------------------------------------------
 
 
-def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = False) -> int:
+def generate_share(options, ranks: Ranks, resume: bool, view) -> tuple[dict, int]:
     """This process's share of the work (under a launcher, or with --resume), recorded line by line; then
     every rank waits for the others, and rank 0 writes the manifest and reports. Other ranks print only errors.
-    A rank that fails says so at once, then waits too, so the others finish their shares. Returns the exit
-    status. `view` shows it all (sdcli.views.GenerateView): prepare(settings, quiet, report) -> Run,
-    generate(run, items, quiet, skip, on_saved, rank), report(summary, quiet), interrupted(text), error(text)
-    and warning(text)."""
-    from sdcli import hardware, pipeline
+    A rank that fails says so at once, then waits too, so the others finish their shares. Returns rank 0's report
+    of every rank (another rank's: its own outcome), and this rank's exit status. `view` shows it all (sdcli.views.GenerateView): loading(quiet) and making(images, steps, quiet), two
+    contexts whose callbacks follow the run; show(summary, quiet), interrupted(text), error(text), warning(text)."""
+    from sdcli import devices, hardware, pipeline
     from sdcli.images import attention_summary
 
-    folder = settings.output_dir
-    items = pipeline.work_items(settings)
-    mine = share(items, settings.batch_size, ranks)
+    folder = options.work.output_dir
+    items = pipeline.work_items(options)
+    mine = share(items, options.work.batch_size, ranks)
     several = ranks.world_size > 1
+    quiet = view.quiet
     speaks = ranks.main and not quiet
     run, done, error, code = None, {}, None, 0
     try:
         with Part(folder, ranks.rank, resume) as part:
             if resume:
-                done = finished(mine, settings)
+                done = finished(mine, options)
             if len(done) < len(mine):  # else this rank has nothing left to make: no model to load
-                settings.device = device_for(ranks, settings.device)
-                gpu = int(settings.device[5:]) if (settings.device or "").startswith("cuda:") else None
-                run = view.prepare(settings, not speaks, hardware.probe(only_gpu=gpu) if several else None)
-                view.generate(run, mine, quiet=not speaks, skip=set(done),
-                              on_saved=lambda result: part.record(result, ranks.rank, attention_summary(run.router)),
-                              rank=ranks.rank if several else None)
-    except pipeline.Interrupted as exc:  # view.generate said so
+                device = device_for(ranks, options.placement.device)
+                on_this_rank = replace(options, placement=replace(options.placement, device=device))
+                gpu = devices.gpu_index(device)
+                with view.loading(not speaks) as on_progress:
+                    machine = pipeline.machine_for(on_this_rank, hardware.probe(only_gpu=gpu) if several else None)
+                    run = pipeline.prepare(on_this_rank, machine, on_progress)
+                with view.making(len(mine) - len(done), options.sampling.steps, not speaks) as (on_step, shown):
+                    def on_image(result):
+                        shown(result)
+                        part.record(result, ranks.rank, attention_summary(run.router))
+
+                    pipeline.generate(run, mine, on_step, on_image, skip=set(done), rank=ranks.rank if several else None)
+    except Interrupted as exc:
         error, code = "interrupted", exc.exit_code
+        view.interrupted(str(exc))
     except KeyboardInterrupt:
         error, code = "interrupted", 130
         view.interrupted(f"{'rank %d: ' % ranks.rank if several else ''}interrupted")
@@ -327,6 +334,7 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
                "peak_gpu_memory_gb": run.peak_memory_gb if run else None,
                "served": dict(run.router.served()) if run and run.router else {}}
     outcomes = gather(outcome, ranks)
+    summary = outcome
     try:
         if ranks.main:
             manifest = write_manifest(folder, merge(items, folder, ranks.world_size, resume))
@@ -334,7 +342,7 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
                 view.warning("the ranks can't wait for each other here (no MASTER_ADDR/MASTER_PORT "
                           "from a launcher, or no torch.distributed), so the manifest lists only what was finished "
                           "by now; run the same command with --resume to complete it")
-            report_share(run, settings, outcomes or [outcome], manifest, view, quiet or code != 0)
+            summary = sum_up_ranks(run, options, outcomes or [outcome], manifest, view, quiet or code != 0)
     except SdcliError as exc:  # said here, not after finish(): by then the launcher may be stopping this process
         view.error(str(exc))
         code = code or exc.exit_code
@@ -342,18 +350,19 @@ def generate_share(settings, ranks: Ranks, resume: bool, view, quiet: bool = Fal
         sys.stdout.flush()
         sys.stderr.flush()
         finish(ranks)
-    return code
+    return summary, code
 
 
-def report_share(run, settings, outcomes: list[dict], manifest: Path | None, view, quiet: bool) -> None:
-    """Rank 0's report: every rank's images in one summary, the manifest, and which ranks failed. Rank 0's
-    exit status stays its own, so that the launcher names the rank that failed as the root cause."""
+def sum_up_ranks(run, options, outcomes: list[dict], manifest: Path | None, view, quiet: bool) -> dict:
+    """Rank 0's report: every rank's images in one summary, the manifest, and which ranks failed; returns the
+    summary. Rank 0's exit status stays its own, so that the launcher names the rank that failed as the root
+    cause."""
     from sdcli import pipeline
 
     images = sorted((image for o in outcomes for image in o["images"]), key=lambda image: image["item"])
     seconds = max(o["seconds"] for o in outcomes)  # ranks run side by side
-    summary = run.summary() if run else {"settings": pipeline.settings_json(settings), "attention": None,
-                                         "output_dir": str(settings.output_dir), "model": None, "dtype": None}
+    summary = run.to_json() if run else {"settings": options.flat(), "attention": None,
+                                         "output_dir": str(options.work.output_dir), "model": None, "dtype": None}
     peaks = [o["peak_gpu_memory_gb"] for o in outcomes if o["peak_gpu_memory_gb"] is not None]
     summary.update({
         "images": images, "problems": [image for image in images if image["problem"]],
@@ -367,14 +376,13 @@ def report_share(run, settings, outcomes: list[dict], manifest: Path | None, vie
         "ranks": [{k: v for k, v in o.items() if k != "images"} | {"images": len(o["images"])} for o in outcomes],
     })
     failed = [o for o in outcomes if o["error"] and o["rank"] != 0]
-    try:
-        view.report(summary, quiet)
-    except pipeline.BadImages:
-        if not failed:
-            raise
+    view.show(summary, quiet)
+    if summary["problems"] and not failed:
+        raise BadImages(summary["problems"])
     if failed:  # each failed rank said what and where, and exits non-zero; this is the sum of it
         n = len(images) + len(summary["skipped"])
         listed = f"listed in {manifest}" if manifest else "kept"
         view.error(f"{len(failed)} of {len(outcomes)} ranks failed "
                    f"({'; '.join(o['error'] for o in failed)}); {n} finished image{'s' if n != 1 else ''} {listed}; "
-                   f"{pipeline.resume_hint(settings)}")
+                   f"{pipeline.resume_hint(options)}")
+    return summary

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sdcli import SdcliError
+from sdcli.errors import SdcliError
 
 # name -> (diffusers scheduler class, config overrides, A1111 sampler name)
 SD_SCHEDULERS = {
@@ -57,7 +57,7 @@ class Family:
         """The pipeline's own default guidance scale, read from its signature (diffusers decides)."""
         import inspect
 
-        from sdcli.models import quiet_libraries
+        from sdcli.libraries import quiet_libraries
 
         quiet_libraries()
         import diffusers
@@ -65,7 +65,7 @@ class Family:
         call = getattr(diffusers, pipe_class or self.pipelines[0]).__call__
         return inspect.signature(call).parameters["guidance_scale"].default
 
-    def check(self, scheduler: str, negative_prompt: str | None, width: int | None, height: int | None,
+    def refuse_unfit(self, scheduler: str, negative_prompt: str | None, width: int | None, height: int | None,
               fuse_qkv: bool = False) -> None:
         """Settings that only some families take fail here, in one line, before anything loads."""
         if fuse_qkv and self.no_fuse_qkv:

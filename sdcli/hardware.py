@@ -16,26 +16,12 @@ import os
 import platform
 import sys
 
-from sdcli import __version__
-from sdcli import error_line, first_line, kernels
+from sdcli import backends, kernels
+from sdcli._version import __version__
+from sdcli.devices import gpu_index, is_cuda
+from sdcli.errors import error_line, first_line
 
 SCHEMA = "sdcli.report/1"
-
-# (report key, distribution names to try, module to import). Several names because the same
-# kernels ship under different distribution names depending on how they were built.
-PACKAGES = [
-    ("torch", ["torch"], "torch"),
-    ("diffusers", ["diffusers"], "diffusers"),
-    ("transformers", ["transformers"], "transformers"),
-    ("triton", ["triton", "pytorch-triton"], "triton"),
-    ("flash_attn", ["flash-attn", "flash_attn"], "flash_attn"),
-    ("flash_attn_3", ["flash-attn-3", "flash_attn_3", "flashattn-hopper"], "flash_attn_interface"),
-    ("flash_attn_4", ["flash-attn-4"], "flash_attn.cute"),
-    ("xformers", ["xformers"], "xformers"),
-    ("sageattention", ["sageattention"], "sageattention"),
-    ("pynvml", ["nvidia-ml-py", "pynvml"], "pynvml"),
-]
-
 
 def system_info() -> dict:
     ram_gb = None
@@ -318,11 +304,11 @@ def probe(measure: bool = True, only_gpu: int | None = None) -> dict:
     torch_data, torch_gpus = torch_info(only_gpu)
     gpus = same_gpus(nv_gpus, torch_gpus)
     kernels.fa4_disk_cache()  # before flash_attn.cute is first imported (below), which reads the setting once
-    packages = {key: package_info(dists, module) for key, dists, module in PACKAGES}
-    if packages["flash_attn_4"]["import_ok"]:
+    packages = {p.key: package_info(list(p.dists), p.module) for p in backends.packages()}  # the registered ones'
+    if packages.get("flash_attn_4", {}).get("import_ok"):
         cache = sys.modules.get("flash_attn.cute.cache_utils")
         packages["flash_attn_4"]["disk_cache"] = getattr(cache, "CUTE_DSL_CACHE_ENABLED", None)
-    if packages["xformers"]["version"]:
+    if packages.get("xformers", {}).get("version"):
         packages["xformers"].update(xformers_ops())
     report = {
         "schema": SCHEMA,
@@ -347,11 +333,10 @@ class Machine:
         self.report = report
         gpus = report.get("gpus") or []
         cuda_ok = bool(report.get("torch", {}).get("cuda_available")) and bool(gpus)
-        device = "cuda:0" if device == "cuda" else device
-        self.device = device or ("cuda:0" if cuda_ok else "cpu")
-        self.is_cuda = self.device.startswith("cuda")
-        index = int(self.device.split(":")[1]) if ":" in self.device else 0
-        self.gpu = next((g for g in gpus if g.get("index") == index), None) if self.is_cuda else None
+        index = gpu_index(device or ("cuda" if cuda_ok else "cpu"))
+        self.device = "cpu" if index is None else f"cuda:{index}"
+        self.is_cuda = index is not None
+        self.gpu = next((g for g in gpus if g.get("index") == index), None)
 
     @property
     def compute_capability(self) -> tuple[int, int] | None:
@@ -380,12 +365,12 @@ class Machine:
 def use_threads(threads: int | None, device: str | None) -> str | None:
     """Give torch `threads` CPU threads (None: torch's own, one per core), and for a run on the CPU say when the
     machine is too busy for them. torch's threads wait for each other at every operation: with other processes on
-    the cores, a tiny image took 20-70 times as long with two threads as with one (docs/design.md, "Threads")."""
+    the cores, a tiny image took 20-70 times as long with two threads as with one (docs/notebook.md, "Threads")."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    if device not in (None, "auto", "cpu") or (device != "cpu" and torch.cuda.is_available()):
+    if is_cuda(device) or (device != "cpu" and torch.cuda.is_available()):
         return None  # a GPU run: the CPU threads only feed it
     used = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 
-from sdcli import SdcliError, __version__, families, hardware, lora
+from sdcli import lora
+from sdcli._version import __version__
+from sdcli.errors import SdcliError
 
 
 def _quote(value) -> str:
@@ -41,32 +44,32 @@ PIXEL_SETTINGS = ("model", "negative_prompt", "steps", "guidance", "width", "hei
                   "compile_mode", "compile_vae", "channels_last", "fuse_qkv", "tf32", "cudnn_benchmark", "loras")
 
 
-def pixel_settings(settings) -> dict:
-    """PIXEL_SETTINGS of a pipeline.Settings, as given."""
-    data = {name: getattr(settings, name) for name in PIXEL_SETTINGS}
+def pixel_settings(options) -> dict:
+    """PIXEL_SETTINGS of a run's options (sdcli.options.Options), as given (the guidance and seed resolved)."""
+    data = {name: options.get(name) for name in PIXEL_SETTINGS}
     # cpu, or auto for any GPU: a launcher gives each rank its own cuda:N, and the same GPU makes the same pixels
-    data["device"] = "cpu" if settings.device == "cpu" else "auto"
-    data["loras"] = lora.keys(settings.loras)  # by content and scale, not path; None without any, as older recipes
+    data["device"] = "cpu" if options.placement.device == "cpu" else "auto"
+    data["loras"] = lora.keys(options.sampling.loras)  # by content and scale, not path; None without any, as before
     return data
 
 
 def recipe(run, item) -> dict:
-    """Everything that made `item` in `run` (a pipeline.Run): settings, model, attention, speed options in
+    """Everything that made `item` in `run` (a pipeline.Run): options, model, attention, speed options in
     effect, versions."""
-    s = run.settings
+    options, sampling, family = run.options, run.options.sampling, run.family
     width, height = run.size
-    family = families.of_pipeline(run.pipe)
     return {
-        "prompt": item.prompt, "negative_prompt": s.negative_prompt, "seed": item.seed, "item": item.index,
-        "family": family.name, "steps": s.steps, "guidance": s.guidance, "guidance_type": family.guidance,
+        "prompt": item.prompt, "negative_prompt": sampling.negative_prompt, "seed": item.seed, "item": item.index,
+        "family": family.name, "steps": sampling.steps, "guidance": sampling.guidance, "guidance_type": family.guidance,
         "width": width, "height": height,
-        "scheduler": s.scheduler, "sampler": run.sampler, "model": run.model_name, "backend": s.backend,
-        "fallback": s.fallback, "quantized": s.quantized, "attention": attention_summary(run.router),
-        "loras": lora.keys(s.loras) or [],
+        "scheduler": sampling.scheduler, "sampler": run.sampler, "model": run.model_name,
+        "backend": options.attention.backend, "fallback": options.attention.fallback,
+        "quantized": options.attention.quantized, "attention": attention_summary(run.router),
+        "loras": lora.keys(sampling.loras) or [],
         "speed": run.speed,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype, "device": run.device,
-        "gpu": hardware.Machine(run.report, run.device).gpu_label, "batch_size": s.batch_size,
-        "settings": pixel_settings(s),
+        "gpu": run.machine.gpu_label, "batch_size": options.work.batch_size,
+        "settings": pixel_settings(options),
         "versions": {"sdcli": __version__, **{k: v.get("version") for k, v in run.report.get("packages", {}).items()
                                               if v.get("version")}},
     }
@@ -133,6 +136,25 @@ def save_png(image, folder: Path, stem: str, data: dict) -> Path:
     info.add_text("sdcli", json.dumps(data, ensure_ascii=False))
     pixels = (np.nan_to_num(image, nan=0.0) * 255).round().astype("uint8")
     return write_new(folder, stem, ".png", lambda path: Image.fromarray(pixels).save(path, format="PNG", pnginfo=info))
+
+
+def check_writable(folder: Path) -> None:
+    """Can images be written to `folder`? Tried with a trial file; folders made for it are removed again,
+    so a run that fails before its first image leaves no empty folder behind (writers make it: images.write_new)."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        trial = folder / f".sdcli-write-test-{os.getpid()}-{secrets.token_hex(4)}"  # pids repeat across nodes
+        trial.write_bytes(b"")
+        trial.unlink()
+    except OSError as exc:
+        raise SdcliError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from None
+    finally:
+        for path in made:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:  # not empty after all (another process writes there too): it stays
+                break
 
 
 def write_new(folder: Path, stem: str, suffix: str, write) -> Path:

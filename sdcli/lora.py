@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from sdcli import SdcliError, error_line
+from sdcli.errors import SdcliError, error_line
 
 SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdcli import SdcliError
+from sdcli.errors import SdcliError
 
 GiB = 2**30
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -152,36 +152,38 @@ def available(machine) -> tuple[int | None, str]:
             return None, ""
 
 
-def check(settings, family, machine, dtype: str, vae_dtype: str, judged: bool) -> None:
+def must_fit(options, family, machine, dtype: str, vae_dtype: str, judged: bool) -> None:
     """Refuse, before the model loads, a size whose largest tensors alone don't fit the device: exit 2, naming
     what doesn't fit and the largest size (keeping the proportions of the sides given) that would."""
     have, where = available(machine)
     if have is None:
         return
-    fp = footprint(settings.model, family)
-    width, height = settings.width or fp.native, settings.height or fp.native
-    cfg = family.guidance == "cfg" and (settings.guidance or 0) > 1
-    whole = settings.backend in WHOLE_SCORES
-    judged = judged or (settings.backend == "auto" and settings.tune)
+    sampling, batch = options.sampling, options.work.batch_size
+    auto_judges = options.attention.backend == "auto" and options.attention.tune
+    fp = footprint(options.model, family)
+    width, height = sampling.width or fp.native, sampling.height or fp.native
+    cfg = family.guidance == "cfg" and (sampling.guidance or 0) > 1
+    whole = options.attention.backend in WHOLE_SCORES
+    judged = judged or auto_judges
 
     def peak(w: int, h: int) -> tuple[str, int]:
-        return max(needs(fp, w, h, settings.batch_size, cfg, dtype, vae_dtype, whole, judged), key=lambda n: n[1])
+        return max(needs(fp, w, h, batch, cfg, dtype, vae_dtype, whole, judged), key=lambda n: n[1])
 
     what, need = peak(width, height)
     if need <= have:
         return
     step = family.size_multiple
-    scaled = [side for side, given in (("width", settings.width), ("height", settings.height)) if given]
+    scaled = [side for side, given in (("width", sampling.width), ("height", sampling.height)) if given]
     fits = largest_fitting(width, height, step, scaled, lambda w, h: peak(w, h)[1] <= have) if scaled else None
-    size = f"{width}x{height}" + (f" at --batch-size {settings.batch_size}" if settings.batch_size > 1 else "")
+    size = f"{width}x{height}" + (f" at --batch-size {batch}" if batch > 1 else "")
     text = (f"{size} can't fit: it needs about {need / GiB:,.1f} GiB for {what} alone, and "
             f"{where.format(f'{have / GiB:,.1f} GiB')}")
     if fits:
         text += f"; the largest size that fits is --width {fits[0]} --height {fits[1]}"
-    elif settings.batch_size > 1:
+    elif batch > 1:
         text += "; try a smaller --batch-size"
-    unjudged = max(n for _, n in needs(fp, width, height, settings.batch_size, cfg, dtype, vae_dtype, whole, False))
-    if settings.backend == "auto" and settings.tune and unjudged <= have:
+    unjudged = max(n for _, n in needs(fp, width, height, batch, cfg, dtype, vae_dtype, whole, False))
+    if auto_judges and unjudged <= have:
         text += "; or skip auto's judging, which computes exact attention whole: --no-tune, or --backend sdpa"
     raise SdcliError(text)
 

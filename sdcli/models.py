@@ -12,29 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
-from sdcli import SdcliError, error_line, families, numerics
+from sdcli import families, numerics
+from sdcli.errors import SdcliError, error_line
+from sdcli.libraries import quiet_libraries
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-
-
-def quiet_libraries() -> None:
-    """transformers and diffusers log optional-dependency notices at import; sdcli's output stays clean."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    import diffusers
-    import transformers
-
-    import huggingface_hub
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def _byte_alphabet() -> list[str]:

@@ -32,29 +32,15 @@ import torch
 from torch.compiler import is_compiling
 from torch.nn.attention import SDPBackend
 
-from sdcli import SdcliError, backends, error_line, out_of_memory
+from sdcli import backends
 from sdcli.backends import Backend, Shape
+from sdcli.devices import out_of_memory
+from sdcli.errors import RoutingError, error_line
 from sdcli.hardware import Machine
 from sdcli.numerics import dtype_name
 
 AUTO = "auto"
 GRAPH_SLOTS = 8192  # (layer, backend) pairs a router can count inside compiled graphs
-
-
-class RoutingError(SdcliError):
-    exit_code = 1
-
-
-def auto_order(machine: Machine, quantized: bool = False) -> list[str]:
-    """The documented preference of `--backend auto`, fastest-first by what is known of each GPU generation.
-    Exact kernels only, unless quantized ones are asked for; `sdpa` always ends the list and runs anywhere."""
-    if not machine.is_cuda:
-        order = ["sdpa"]  # on the CPU torch's SDPA already picks its flash kernel
-    else:
-        order = ["flash-attn-3", "flash-attn", "sdpa-flash", "xformers", "sdpa-cudnn", "sdpa-efficient", "sdpa"]
-    if quantized:
-        order = ["sage-fp8-sm90", "sage-fp8", "sage", "sage1"] + order
-    return order
 
 
 @dataclass(eq=False)
@@ -271,18 +257,18 @@ class Router:
         ROUTERS[id(self)] = self
 
     @classmethod
-    def for_request(cls, requested: str, report: dict, device: str, fallback: bool | str = False,
-                    quantized: bool = False, preferred: dict | None = None, measure=None) -> "Router":
-        """`auto`, or one backend name: strict, or with `fallback` followed by auto's order (True) or by the one
-        backend named there (e.g. compare's reference)."""
-        machine = Machine(report, device)
+    def for_request(cls, requested: str, machine: Machine, fallback: bool | str = False, quantized: bool = False,
+                    preferred: dict | None = None, measure=None) -> "Router":
+        """`auto`, or one backend name, for the device of `machine`: strict, or with `fallback` followed by auto's
+        order (True) or by the one backend named there (e.g. compare's reference)."""
         if requested == AUTO:
-            names = auto_order(machine, quantized)
+            names = backends.auto_order(machine, quantized)
         else:
-            first = backends.get(requested)  # KeyError names the known ones
+            first = backends.get(requested)
             if first.kind == backends.QUANTIZED:
                 quantized = True  # naming a quantized backend is the opt-in
-            rest = [fallback] if isinstance(fallback, str) else auto_order(machine, quantized) if fallback else []
+            rest = ([fallback] if isinstance(fallback, str) else
+                    backends.auto_order(machine, quantized) if fallback else [])
             names = [requested] + [n for n in rest if n != requested]
         registered = {b.name: b for b in backends.all_backends()}
         chain = [registered[n] for n in names if n in registered]
@@ -517,7 +503,7 @@ class Router:
         return [{"layer": l.name, "processors": [*l.processors], "why": dict(l.not_routed)}
                 for l in self.layers if l.not_routed]
 
-    def summary(self) -> list[dict]:
+    def groups(self) -> list[dict]:
         """Layers grouped by what decides the kernel: part, kind, heads×head_dim, dtype."""
         groups: dict[tuple, dict] = {}
         for l in self.layers:
@@ -539,7 +525,7 @@ class Router:
 
     def to_json(self) -> dict:
         return {"requested": self.requested, "strict": self.strict, "chain": [b.name for b in self.chain],
-                "served": dict(self.served()), "groups": self.summary(), "fallbacks": self.fallbacks(),
+                "served": dict(self.served()), "groups": self.groups(), "fallbacks": self.fallbacks(),
                 "not_routed": self.not_routed(), "layers": [l.to_json() for l in self.layers]}
 
 

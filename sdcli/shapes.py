@@ -141,7 +141,7 @@ def load():
     """The trained pipeline, from the weights inside the package (no download)."""
     from diffusers import StableDiffusionPipeline
 
-    from sdcli import SdcliError, error_line
+    from sdcli.errors import SdcliError, error_line
 
     try:
         return StableDiffusionPipeline.from_pretrained(str(FOLDER), local_files_only=True, safety_checker=None,

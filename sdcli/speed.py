@@ -20,6 +20,7 @@ import functools
 from collections import Counter
 
 from sdcli import families
+from sdcli.devices import is_cuda
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # what a mode becomes where there are no CUDA graphs (they need a CUDA GPU)
@@ -47,7 +48,7 @@ def set_precision(device: str, tf32: bool, cudnn_benchmark: bool) -> dict:
     """TF32 and cuDNN's autotuner for this process; both matter on CUDA only. Returns what is in effect."""
     import torch
 
-    cuda = device.startswith("cuda")
+    cuda = is_cuda(device)
     if cuda:  # the flags diffusers' docs use (torch's newer fp32_precision API must not be mixed with them)
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
@@ -57,16 +58,16 @@ def set_precision(device: str, tf32: bool, cudnn_benchmark: bool) -> dict:
 
 def compile_mode(mode: str, device: str) -> tuple[str, str | None]:
     """The torch.compile mode to use on `device`, and a note when it is not the one asked for."""
-    if device.startswith("cuda") or mode not in WITHOUT_CUDA_GRAPHS:
+    if is_cuda(device) or mode not in WITHOUT_CUDA_GRAPHS:
         return mode, None
     used = WITHOUT_CUDA_GRAPHS[mode]
     return used, f"--compile-mode {mode} uses CUDA graphs, which need a CUDA GPU: compiled in {used} mode instead"
 
 
-def compile(pipe, mode: str, denoiser: bool = False, vae: bool = False) -> None:
+def compile(pipe, family: families.Family, mode: str, denoiser: bool = False, vae: bool = False) -> None:
     """torch.compile the denoiser's forward (the family's UNet or transformer) and/or the VAE's decode, in place."""
     if denoiser:
-        model = getattr(pipe, families.of_pipeline(pipe).denoiser)
+        model = getattr(pipe, family.denoiser)
         model.forward = Compiled(model, model.forward, mode)
     if vae:
         pipe.vae.decode = Compiled(pipe.vae, pipe.vae.decode, mode)
@@ -88,12 +89,12 @@ class Compiled:
         self.eager = method
         self.compiled = torch.compile(method, mode=mode)
         # one attention module, whose processor says which router serves the model now
-        self.probe = next((m for m in module.modules() if isinstance(m, (Attention, AttentionModuleMixin))), None)
+        self.attention_module = next((m for m in module.modules() if isinstance(m, (Attention, AttentionModuleMixin))), None)
         self.router = None
         self.calls: dict[tuple, Counter] = {}  # input shapes -> the calls one forward makes, per layer and backend
 
     def __call__(self, *args, **kwargs):
-        router = self.router_of(self.probe) if self.probe is not None else None
+        router = self.router_of(self.attention_module) if self.attention_module is not None else None
         if router is not self.router:  # routed anew: new layers, no routes yet
             self.router, self.calls = router, {}
         shapes = input_shapes(args, kwargs)

@@ -24,8 +24,8 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sdcli import error_line, numerics, out_of_memory
-from sdcli.backends import Shape
+from sdcli import devices, numerics
+from sdcli.errors import error_line
 
 ROUNDS = 5
 WARMUPS = 1     # then one more call, timed alone, sizes the rounds
@@ -41,7 +41,7 @@ class Stopwatch:
 def stopwatch(device: str):
     """`with stopwatch(device) as watch: ...`, then `watch.seconds`."""
     watch = Stopwatch()
-    if not str(device).startswith("cuda"):
+    if not devices.is_cuda(device):
         t0 = time.perf_counter()
         yield watch
         watch.seconds = time.perf_counter() - t0
@@ -69,7 +69,7 @@ def per_call(fn, calls: int, device: str) -> float:
     the Python that launches them (the GPU idles in between). So the GPU first waits (torch.cuda._sleep) while the
     host queues every call, and the events bracket only the calls; if the host took longer than the wait, the wait
     doubles and it runs again (4 tries; a kernel that waits for the host itself stays host-bound)."""
-    if not str(device).startswith("cuda"):
+    if not devices.is_cuda(device):
         with stopwatch(device) as watch:
             for _ in range(calls):
                 fn()
@@ -111,9 +111,7 @@ def _cycles_per_second(device: str) -> float:
 
 
 def _dropped(row: dict, exc: BaseException) -> dict:
-    from sdcli import pipeline
-
-    pipeline.release_memory()  # an out-of-memory leaves the allocator's cache full
+    devices.release_memory()  # an out-of-memory leaves the allocator's cache full
     return {**row, "ok": False, "error": error_line(exc)}
 
 
@@ -159,7 +157,7 @@ def _time(backends: list, rows: dict, shape, batch: int, device: str, min_second
     try:
         q, k, v, _ = numerics.sampled_call(shape, device, batch, seed=0)
     except Exception as exc:
-        if not out_of_memory(exc):
+        if not devices.out_of_memory(exc):
             raise
         for b in backends:
             rows[b.name] = _dropped(rows[b.name], exc)

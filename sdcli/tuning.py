@@ -24,10 +24,6 @@ from sdcli import backends, lora, routing, timing, validate
 from sdcli.backends import Shape
 from sdcli.hardware import Machine
 
-VERSION_KEYS = ("torch", "diffusers", "triton", "flash_attn", "flash_attn_3", "flash_attn_4", "xformers",
-                "sageattention")
-
-
 def cache_dir() -> Path:
     if os.environ.get("SDCLI_CACHE_DIR"):
         return Path(os.environ["SDCLI_CACHE_DIR"]) / "plans"
@@ -40,28 +36,26 @@ def cache_dir() -> Path:
     return base / "sdcli" / "plans"
 
 
-def plan_key(run, quantized: bool) -> dict:
-    """Everything a measured plan depends on; its hash names the cache file."""
-    machine = Machine(run.report, run.device)
-    pipe = run.pipe
+def plan_key(run, speed, batch: int, quantized: bool) -> dict:
+    """Everything a measured plan depends on, its hash naming the cache file: the machine, the versions, the model
+    and size, the `batch` and the speed options (sdcli.options.Speed) as given."""
+    machine, pipe = run.machine, run.pipe
     # diffusers' private config keys (e.g. _use_default_values, built from a set) vary between processes
     config = json.dumps([{k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in routed_models(pipe)],
                         sort_keys=True, default=str)
     plugins = sorted(f"{b.name}@{b.origin}=={b.release}" for b in backends.all_backends() if b.origin != "sdcli")
-    s = run.settings
+    sampling = run.options.sampling
     return {
         "machine": machine.gpu_label if machine.is_cuda else f"CPU {run.report.get('system', {}).get('cpu')}",
         "driver": run.report.get("nvml", {}).get("driver"),
-        "versions": {k: run.report.get("packages", {}).get(k, {}).get("version") for k in VERSION_KEYS},
+        "versions": {k: run.report.get("packages", {}).get(k, {}).get("version") for k in backends.plan_versions()},
         "plugins": plugins,
         "dtype": run.dtype, "vae_dtype": run.vae_dtype,
         "model": run.model_name, "model_config": hashlib.sha256(config.encode()).hexdigest()[:16],
-        "width": run.size[0], "height": run.size[1], "batch_size": s.batch_size,
-        "guidance_doubles_batch": doubles_batch(pipe, s.guidance), "quantized": quantized,
-        "fuse_qkv": s.fuse_qkv, "channels_last": s.channels_last, "compile": s.compile,
-        "compile_vae": s.compile_vae, "compile_mode": s.compile_mode, "tf32": s.tf32,
-        "cudnn_benchmark": s.cudnn_benchmark,
-        **({"loras": lora.keys(s.loras)} if s.loras else {}),  # they change the activations judged; none: as before
+        "width": run.size[0], "height": run.size[1], "batch_size": batch,
+        "guidance_doubles_batch": doubles_batch(pipe, sampling.guidance), "quantized": quantized,
+        **asdict(speed),
+        **({"loras": lora.keys(sampling.loras)} if sampling.loras else {}),  # they change the activations judged
     }
 
 
@@ -86,13 +80,13 @@ def plan_path(key: dict) -> Path:
     return cache_dir() / f"{digest}.json"
 
 
-def collect_shapes(run, one_step) -> tuple[list[Shape], dict]:
-    """The model's real attention shapes, and one real call's inputs per shape (batch 1: q, k, v, mask):
-    `one_step(run)` (pipeline.one_step: a one-step render at the run's size and batch), recorded. The render is
-    passed in so that tuning does not depend on the pipeline module."""
-    router = routing.route(run.pipe, routing.CapturingRouter.for_request("auto", run.report, run.device))
+def collect_shapes(run, one_step, batch: int) -> tuple[list[Shape], dict]:
+    """The model's real attention shapes at `batch`, and one real call's inputs per shape (batch 1: q, k, v, mask):
+    `one_step(run, batch)` (pipeline.one_step: a one-step render at the run's size), recorded. The render is passed
+    in so that tuning does not depend on the pipeline module."""
+    router = routing.route(run.pipe, routing.CapturingRouter.for_request("auto", run.machine))
     router.samples = 1  # the judge runs at batch 1
-    one_step(run)
+    one_step(run, batch)
     layers = {layer.name: layer for layer in router.layers}
     activations = {}
     for name, (q, k, v, mask) in router.captured.items():
@@ -116,18 +110,19 @@ def measure_shapes(shapes: list[Shape], machine: Machine, quantized: bool, on_pr
     return entries
 
 
-def load_or_tune(run, one_step, quantized: bool = False, retune: bool = False, on_progress=None) -> dict:
-    """The cached plan for this run's key, or a new one measured now. Returns the plan with `path` and
-    `cached` (whether it came from the cache)."""
-    key = plan_key(run, quantized)
+def load_or_tune(run, speed, batch: int, one_step, quantized: bool = False, retune: bool = False,
+                 on_progress=None) -> dict:
+    """The cached plan for this run's key (at `batch`, with the speed options `speed`), or a new one measured now.
+    Returns the plan with `path` and `cached` (whether it came from the cache)."""
+    key = plan_key(run, speed, batch, quantized)
     path = plan_path(key)
     if not retune:
         plan, _ = read_plan(path)
         if plan and plan["key"] == key:
             return {**plan, "path": str(path), "cached": True}
-    shapes, activations = collect_shapes(run, one_step)
+    shapes, activations = collect_shapes(run, one_step, batch)
     plan = {"key": key, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "shapes": measure_shapes(shapes, Machine(run.report, run.device), quantized, on_progress,
+            "shapes": measure_shapes(shapes, run.machine, quantized, on_progress,
                                      activations=activations)}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:  # replaces a damaged file of the same name
@@ -155,7 +150,7 @@ def read_plan(path: Path) -> tuple[dict | None, str | None]:
         if path.is_dir():
             return None, "a folder, not a plan"
         plan = json.loads(path.read_bytes().decode())
-        validate.check(plan, validate.PLAN)
+        validate.conform(plan, validate.PLAN)
     except FileNotFoundError:
         return None, "missing"
     except OSError as exc:
@@ -184,7 +179,7 @@ def cached_plans(report: dict, device: str | None = None) -> tuple[list[dict], l
     return plans, skipped
 
 
-def summary(plan: dict) -> list[dict]:
+def plan_rows(plan: dict) -> list[dict]:
     """One row per shape: the choice and how much faster it is than the runner-up and than plain sdpa."""
     rows = []
     for e in plan["shapes"]:

@@ -1,68 +1,12 @@
-"""What comes in from outside, checked before it is used: option values, and the JSON sdcli reads back
-(a saved doctor report, a cached plan). A bad value is one line naming the option or the field.
-
-Kept light (no torch): the CLI imports it at start-up.
+"""The JSON sdcli reads back (a saved doctor report, a cached plan), checked before it is used: a bad value is one
+line naming the field. (The options' own text is cli.py's to parse, their values options.py's to check.)
 """
 
 from __future__ import annotations
 
-import math
 import re
 
-import typer
-
-from sdcli import SdcliError
-
-# ----- options --------------------------------------------------------------------------------------------
-
-
-def finite(value: float | None) -> float | None:
-    """typer callback for every float option: `nan`, `inf` and `1e400` parse as floats but mean nothing here."""
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"must be a finite number, not {value}")
-    return value
-
-
-def names(text: str | None, option: str) -> list[str] | None:
-    """A comma-separated list of names: None when the option is not given; when given, at least one name."""
-    if text is None:
-        return None
-    items = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not items:
-        raise SdcliError(f"{option} needs at least one name, not {text!r}")
-    return items
-
-
-def whole_numbers(text: str, option: str) -> list[int]:
-    """Comma-separated positive whole numbers, sorted, each once."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SdcliError(f"{option} takes comma-separated whole numbers, like 1,2,4,8; not {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise SdcliError(f"{option} needs positive numbers, not {text!r}")
-    return sorted(set(values))
-
-
-DEVICE = re.compile(r"cpu|cuda(?::\d+)?")
-
-
-def device(text: str | None, auto: bool = True) -> None:
-    """--device: cpu, cuda or cuda:N (and auto where the command picks one)."""
-    if text is None or (auto and text == "auto") or DEVICE.fullmatch(text):
-        return
-    raise SdcliError(f"--device must be {'auto, ' if auto else ''}cpu, cuda or cuda:N, not {text!r}")
-
-
-def gpu_in_report(text: str | None, report: dict) -> None:
-    """A cuda:N that the machine (or saved report) has: judging a GPU that isn't there would judge nothing."""
-    if not text or not text.startswith("cuda"):
-        return
-    index = int(text.partition(":")[2] or 0)
-    have = [g["index"] for g in report.get("gpus") or []]
-    if index not in have:
-        raise SdcliError(f"--device {text}: there is no GPU {index} (GPUs: {', '.join(map(str, have)) or 'none'})")
-
+from sdcli.errors import SdcliError
 
 # ----- JSON read back -------------------------------------------------------------------------------------
 #
@@ -89,7 +33,7 @@ def maybe(*types) -> tuple:
     return (*types, NONE)
 
 
-def check(value, spec, where: str = "") -> None:
+def conform(value, spec, where: str = "") -> None:
     """Raise Invalid naming the first field of `value` that does not fit `spec`."""
     if isinstance(spec, Need):
         spec = spec.spec
@@ -103,16 +47,16 @@ def check(value, spec, where: str = "") -> None:
                 raise Invalid(f"{join(where, key)}: missing")
         for key, item in value.items():
             if key in spec:
-                check(item, spec[key], join(where, key))
+                conform(item, spec[key], join(where, key))
             elif ... in spec:
                 if spec[...] is None:
                     raise Invalid(f"{join(where, key)}: not a field here")
-                check(item, spec[...], join(where, key))
+                conform(item, spec[...], join(where, key))
     elif isinstance(spec, list):
         if not isinstance(value, list):
             raise Invalid(f"{where or 'the document'}: expected a list, found {kind(value)}")
         for i, item in enumerate(value):
-            check(item, spec[0], f"{where}[{i}]")
+            conform(item, spec[0], f"{where}[{i}]")
     else:
         types = spec if isinstance(spec, tuple) else (spec,)
         allowed = (*types, int) if float in types else types  # JSON has one kind of number
@@ -160,14 +104,14 @@ REPORT = {
 def report(data: dict, path) -> dict:
     """A saved report, every field the verdicts and tables read of the right type, or an SdcliError naming it."""
     try:
-        check(data, REPORT)
+        conform(data, REPORT)
     except Invalid as exc:
         raise SdcliError(f"{path} is not a valid sdcli report: {exc}") from None
     return data
 
 
 def measurement(value, where: str) -> None:
-    check(value, {"backend": Need(str), "ok": Need(bool), "ms": float}, where)
+    conform(value, {"backend": Need(str), "ok": Need(bool), "ms": float}, where)
     if value["ok"] and "ms" not in value:
         raise Invalid(f"{where}.ms: missing (a measurement within its bound has a time)")
 

@@ -7,16 +7,16 @@ here. Only rich loads at import, so `sdcli --help` stays fast.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
+from contextlib import contextmanager
 
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sdcli import SdcliError, interrupt, plural
+from sdcli.errors import plural
 
 # Piped output (a file, a log) gets 120 columns instead of rich's 80, so tables stay readable.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -43,7 +43,12 @@ def plain(value) -> str:
 
 def interrupted(text: str) -> None:
     """Ctrl-C (or a time limit's SIGINT) cut a command short: what it kept, and how to go on."""
-    err.print(f"interrupted: {text}", markup=False, soft_wrap=True)
+    say(f"interrupted: {text}")
+
+
+def say(text: str) -> None:
+    """A line on stderr as it is (e.g. an Interrupted run's, which says what it kept)."""
+    err.print(text, markup=False, soft_wrap=True)
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:
@@ -58,7 +63,7 @@ def serves_text(serves: dict | None) -> str:
         return ""
     partial = {f: v for f, v in serves.items() if v["ok"] < v["of"]}
     if not partial:
-        from sdcli.doctor import REFERENCE_SHAPES
+        from sdcli.diagnosis import REFERENCE_SHAPES
 
         judged = "SD 1.x to 3.5, Flux.1 and the VAE" if set(serves) == set(REFERENCE_SHAPES) else ", ".join(serves)
         return f"serves every layer of {judged}"
@@ -131,7 +136,7 @@ def print_doctor(result: dict) -> None:
     out.print(bt)
 
     if probe:
-        from sdcli.doctor import CPU_PROBE_SEQ
+        from sdcli.diagnosis import CPU_PROBE_SEQ
 
         capped = "" if verdicts["device"].startswith("cuda") else f", sequences capped at {CPU_PROBE_SEQ} on the CPU"
         pt = Table(title=f"Probe: each backend at SD shapes, error against exact attention{capped}",
@@ -166,14 +171,14 @@ def probe_progress(enabled: bool):
 
 def plan_table(plan: dict) -> Table:
     """A measured plan of `auto` (sdcli.tuning): per shape the choice, the runner-up and plain sdpa."""
-    from sdcli.tuning import summary
+    from sdcli.tuning import plan_rows
 
     k = plan["key"]
     t = Table(title=plain(f"Measured plan: {k['model']} {k['width']}x{k['height']}, batch {k['batch_size']}, "
                           f"{k['dtype']} on {k['machine']}"), title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("shape", "batch", "choice", "ms", "runner-up", "ms ", "sdpa ms", "failed the accuracy bound"):
         t.add_column(col, justify="right" if "ms" in col or col == "batch" else "left")
-    for r in summary(plan):
+    for r in plan_rows(plan):
         t.add_row(plain(r["shape"]), str(r["batch"]), plain(r["choice"] or "-"), _fmt(r["ms"], ".3f"),
                   plain(r["runner_up"] or "-"), _fmt(r["runner_up_ms"], ".3f"), _fmt(r["sdpa_ms"], ".3f"),
                   plain(", ".join(r["refused"])))
@@ -183,70 +188,46 @@ def plan_table(plan: dict) -> Table:
 # ----- generate -------------------------------------------------------------------------------------------
 
 
-def prepare(settings, quiet: bool, report: dict | None = None):
-    """pipeline.prepare with a spinner that says what is slow: loading, measuring auto's plan, compiling."""
-    from sdcli import pipeline
-
+@contextmanager
+def loading(quiet: bool):
+    """A spinner that says what is slow while a run is prepared (loading, measuring auto's plan, compiling):
+    `with loading(quiet) as on_progress:`, on_progress(text) or None."""
     if quiet or not err.is_terminal:
-        return pipeline.prepare(settings, report)
-    with err.status("loading the model", spinner="dots") as status:
-        return pipeline.prepare(settings, report,
-                                on_progress=lambda text: status.update(f"measuring auto's plan: {text}"))
+        yield None
+        return
+    with err.status("loading the model", spinner="dots") as spinner:
+        yield lambda text: spinner.update(f"measuring auto's plan: {text}")
 
 
-def generate(run, items, quiet: bool, skip=frozenset(), on_saved=None, rank: int | None = None) -> None:
-    """Generate with a progress bar; Ctrl-C or an error keeps what finished and says where it is.
-    `skip`: items already on disk (--resume); on_saved(result) runs after each image is written; `rank`
-    names this process in messages when there are several."""
+@contextmanager
+def making(images: int, steps: int, quiet: bool):
+    """Bars while images are made: `with making(images, steps, quiet) as (on_step, on_image):`, for
+    pipeline.generate; on_image warns about an image that came out bad. The bars are gone when the block ends."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from sdcli import pipeline
-
-    todo = [item for item in items if item.index not in skip]
-    who = "" if rank is None else f"rank {rank}: "
-    steps_per_batch = run.settings.steps
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err, disable=quiet) as bar:
-        images = bar.add_task("images", total=len(todo))
-        steps = bar.add_task("steps", total=steps_per_batch)
+        done = bar.add_task("images", total=images)
+        step = bar.add_task("steps", total=steps)
 
         def on_step(_step, _latents):
-            if bar.tasks[steps].completed >= steps_per_batch:
-                bar.reset(steps)
-            bar.advance(steps)
+            if bar.tasks[step].completed >= steps:
+                bar.reset(step)
+            bar.advance(step)
 
         def on_image(result):
-            bar.advance(images)
-            if on_saved:
-                on_saved(result)
+            bar.advance(done)
             if result.problem:
                 warning(f"{result.path.name}: {result.problem}")
 
-        def kept() -> str:
-            return pipeline.kept(run) + (f"; {pipeline.resume_hint(run.settings)}" if run.images else "")
-
-        interrupt.on_force(lambda: who + kept())  # a Ctrl-C inside one long operation: images are whole on disk
         try:
-            pipeline.generate(run, items, on_step=on_step, on_image=on_image, skip=skip)
-        except KeyboardInterrupt:
-            bar.stop()
-            err.print(f"{who}interrupted: {kept()}", soft_wrap=True, markup=False)
-            raise pipeline.Interrupted() from None
-        except SdcliError:
-            raise
-        except Exception as exc:
-            if os.environ.get("SDCLI_DEBUG"):
-                raise
-            bar.stop()
-            raise pipeline.run_failed(run, todo, exc, rank) from None
+            yield on_step, on_image
         finally:
-            interrupt.on_force(None)
+            bar.stop()
 
 
-def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
-    """A generate run's summary (one process's, or every rank's) as text or JSON; exit status 3 for bad images."""
-    from sdcli import pipeline
-
+def print_generate(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
+    """A generate run's summary (one process's, or every rank's) as text or JSON."""
     if json_out:
         emit_json(summary)
     elif not quiet:
@@ -279,8 +260,6 @@ def report(summary: dict, json_out: bool, quiet: bool, verbose: bool) -> None:
                       "again)", soft_wrap=True, markup=False)
             if verbose:
                 out.print(plan_table(plan))
-    if summary["problems"]:
-        raise pipeline.BadImages(summary["problems"])
 
 
 def print_attention(att: dict, verbose: bool, who: str = "") -> None:
@@ -314,25 +293,23 @@ def print_attention(att: dict, verbose: bool, who: str = "") -> None:
 
 
 class GenerateView:
-    """How `sdcli generate` shows one process's run, or its share of a multi-rank run (distributed.py calls
-    back): a spinner while loading, bars while generating, then the summary or JSON."""
+    """How `sdcli generate` shows one process's run, or its share of a multi-rank run: a spinner while loading,
+    bars while making images, then the summary or JSON; a rank's errors, warnings and interruptions as they
+    happen. It only draws: what to do is the caller's."""
 
     def __init__(self, json_out: bool, quiet: bool, verbose: bool):
         self.json_out, self.quiet, self.verbose = json_out, quiet, verbose
 
-    def prepare(self, settings, quiet: bool | None = None, report: dict | None = None):
-        return prepare(settings, self.quiet if quiet is None else quiet, report)
+    def loading(self, quiet: bool | None = None):
+        return loading(self.quiet if quiet is None else quiet)
 
-    def generate(self, run, items, quiet: bool | None = None, skip=frozenset(), on_saved=None, rank=None) -> None:
-        quiet = self.quiet if quiet is None else quiet
-        generate(run, items, quiet or not err.is_terminal, skip, on_saved, rank)
+    def making(self, images: int, steps: int, quiet: bool | None = None):
+        return making(images, steps, (self.quiet if quiet is None else quiet) or not err.is_terminal)
 
-    def report(self, summary: dict, quiet: bool | None = None) -> None:
-        report(summary, self.json_out, self.quiet if quiet is None else quiet, self.verbose)
+    def show(self, summary: dict, quiet: bool | None = None) -> None:
+        print_generate(summary, self.json_out, self.quiet if quiet is None else quiet, self.verbose)
 
-    def interrupted(self, text: str) -> None:
-        err.print(text, soft_wrap=True)
-
+    interrupted = staticmethod(say)
     error = staticmethod(error)
     warning = staticmethod(warning)
 
@@ -398,17 +375,14 @@ def bench_progress(quiet: bool):
 
 def bench_kept(result: dict) -> str:
     """What an interrupted bench kept, in words."""
-    cut = result["interrupted"]
-    done = f"{cut['rows_done']} of {plural(cut['rows_planned'], 'configuration')} measured"
-    if not result.get("json"):
-        return f"{done}: nothing to keep"
-    return f"{done}, kept in {result['json']}" + (f" and {result['plot']}" if result.get("plot") else
-                                                   " (no plot: no configuration finished a point)")
+    from sdcli.benchmark import kept
+
+    return kept(result)
 
 
 def print_bench(r: dict) -> None:
     from sdcli.backends import Shape
-    from sdcli.bench import guidance_label
+    from sdcli.benchmark import guidance_label
 
     t = Table(title=plain(f"{r['model']} {r['width']}x{r['height']}, {r['steps']} steps, {guidance_label(r)}, "
                           f"{r['dtype']} on {r['gpu']}: images/s (whole pipeline, median of {r['repeats']})"),

@@ -83,6 +83,26 @@ def register_backend():
 
 
 @pytest.fixture
+def declare_builtin(monkeypatch):
+    """declare(backend): one more of sdcli's own declarations (sdcli.builtins), the registry made anew as a new
+    process makes it; gone after the test."""
+    from sdcli import backends, builtins
+
+    def reload():
+        backends._REGISTRY.clear()
+        backends._PLUGIN_ERRORS.clear()
+        backends._plugins_loaded = False
+
+    def declare(backend):
+        monkeypatch.setattr(builtins, "backends", [*builtins.backends, backend])
+        reload()
+
+    yield declare
+    monkeypatch.undo()
+    reload()
+
+
+@pytest.fixture
 def plugins():
     """install(folder): the plug-in packages in `folder` (see make_plugin) found by this process the way an
     installed plug-in is, through their `sdcli.backends` entry points; call it again after changing them (an
@@ -94,10 +114,8 @@ def plugins():
 
     folders = []
 
-    def rescan():
-        for backend in list(backends._REGISTRY.values()):
-            if backend.origin != "sdcli":
-                backends.unregister(backend.name)
+    def rescan():  # the registry as a new process makes it: sdcli's own, then the plug-ins found now
+        backends._REGISTRY.clear()
         backends._PLUGIN_ERRORS.clear()
         backends._plugins_loaded = False
         for name, module in list(sys.modules.items()):

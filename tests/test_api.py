@@ -63,10 +63,11 @@ def test_a_named_backend_serves_exactly_what_the_cli_reports(cli, tmp_path):
 def test_route_refuses_what_it_cannot_do_in_one_line_in_the_apis_words(register_backend):
     import sdcli
     from sdcli.backends import head_dim_at_most
+    from sdcli.errors import UnknownBackend
     from sdcli.models import tiny
 
     pipe = tiny()
-    with pytest.raises(sdcli.SdcliError, match="unknown attention backend 'nope'"):
+    with pytest.raises(UnknownBackend, match="unknown attention backend 'nope'"):
         sdcli.route(pipe, backend="nope")
     with pytest.raises(sdcli.SdcliError) as no_gpu:  # can't run here at all: doctor's reason and fix
         sdcli.route(pipe, backend="sdpa-cudnn")
@@ -100,3 +101,25 @@ def test_compare_on_a_pipeline_keeps_its_routing(tmp_path):
     assert dict(pipe.unet.attn_processors) == before and plan.served()["backends"] == {}
     saved = sdcli.compare(pipe, prompt="a lighthouse", seed=1, steps=1, backends=["sdpa"], output_dir=tmp_path)
     assert (tmp_path / "compare-1.png").is_file() and saved["json"] == str(tmp_path / "compare-1.json")
+
+
+def test_the_commands_are_api_functions_that_return_their_json(cli, tmp_path):
+    """`sdcli.generate`, `sdcli.compare` (on a model name) and `sdcli.bench` take the commands' options by name and
+    return what `--json` prints: the commands are their clients."""
+    import sdcli
+
+    tiny = {"steps": 1, "seed": 3, "backend": "sdpa"}
+    made = sdcli.generate(["a cat"], "tiny", output_dir=tmp_path / "api", **tiny)
+    printed = cli.json("generate", "a cat", "-m", "tiny", "--steps", 1, "--seed", 3, "--backend", "sdpa",
+                       "-o", tmp_path / "cli")
+    assert set(made) == set(printed)  # the API's device by default is None, the command's "auto": the same
+    assert made["settings"] == {**printed["settings"], "output_dir": str(tmp_path / "api"), "device": None}
+    assert [i["seed"] for i in made["images"]] == [3] and (tmp_path / "api" / made["images"][0]["file"]).is_file()
+    compared = sdcli.compare("tiny", steps=1, backends=["sdpa"], output_dir=tmp_path / "cmp")
+    assert [(r["backend"], r["verdict"]) for r in compared["rows"]] == [("sdpa-math", "reference"), ("sdpa", "pass")]
+    assert compared["json"] == str(tmp_path / "cmp" / "compare-42.json")
+    measured = sdcli.bench("tiny", batch_sizes=[1], steps=1, repeats=1, backends=["sdpa"], find_max=False,
+                           micro=False)
+    assert [row["name"] for row in measured["configs"]] == ["diffusers", "auto", "sdpa"] and "json" not in measured
+    with pytest.raises(TypeError, match="unknown option: stepz"):
+        sdcli.generate(["a cat"], "tiny", stepz=1)

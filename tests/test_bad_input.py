@@ -87,11 +87,11 @@ def test_bad_values_and_usage_errors_are_one_line_and_exit_2(cli, tmp_path, args
 
 def test_python_api_refuses_what_the_options_refuse(tmp_path):
     from sdcli import SdcliError
-    from sdcli.compare import Thresholds
-    from sdcli.pipeline import Settings
+    from sdcli.comparison import Thresholds
+    from sdcli.options import Options
 
     with pytest.raises(SdcliError, match="--guidance must be a finite number"):
-        Settings(prompts=["a cat"], guidance=float("nan"), output_dir=tmp_path).validate()
+        Options.make(prompts=["a cat"], guidance=float("nan"), output_dir=tmp_path).validate()
     with pytest.raises(SdcliError, match="--exact-tol and --quantized-tol must be positive, finite"):
         Thresholds(exact_tol=float("inf"))
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import pixels, sdpa
-from sdcli.bench import largest_batch
+from sdcli.benchmark import largest_batch
 
 TINY_BENCH = ["--model", "tiny", "--steps", "2", "--repeats", "1"]
 CALLS_PER_IMAGE = 14 * 2 + 1  # 14 UNet attention layers × 2 steps (CFG batched) + the VAE decoder's
@@ -144,10 +144,10 @@ def test_measured_auto_is_cached_reused_and_redone(cli, tmp_path, monkeypatch, r
 ])
 def test_architecture_models_have_the_published_attention_shapes(name, expected):
     """Built on the meta device: no memory, no compute, only shapes flow through the routed model."""
-    from sdcli import backends, models, routing
+    from sdcli import backends, hardware, models, routing
 
     pipe = models.architecture(name, "meta")
-    router = routing.route(pipe, routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa"))
+    router = routing.route(pipe, routing.Router([backends.get("sdpa")], hardware.Machine({}, "cpu"), True, "sdpa"))
     size = models.ARCHITECTURES[name]["size"] // 8
     extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(2, 1280, device="meta"),
                                    "time_ids": torch.zeros(2, 6, device="meta")}} if name == "sdxl-arch" else {}
@@ -169,10 +169,10 @@ def test_architecture_models_have_the_published_attention_shapes(name, expected)
 ])
 def test_transformer_architectures_have_the_published_attention_shapes(name, expected, layers, billions):
     """As above, for the MMDiT and Flux transformers: one denoising call with CFG's batch of 2 (SD 3) or 1."""
-    from sdcli import backends, models, routing
+    from sdcli import backends, hardware, models, routing
 
     pipe = models.architecture(name, "meta")
-    router = routing.route(pipe, routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa"))
+    router = routing.route(pipe, routing.Router([backends.get("sdpa")], hardware.Machine({}, "cpu"), True, "sdpa"))
     latent = models.ARCHITECTURES[name]["size"] // 8
     meta = lambda *shape: torch.zeros(*shape, device="meta")  # noqa: E731
     with torch.no_grad():

@@ -174,7 +174,7 @@ def test_peak_memory_counts_what_cuda_graphs_hold(monkeypatch):
     faked (the GPU boundary), in the layout torch.cuda.memory_snapshot documents."""
     import torch
 
-    from sdcli import pipeline
+    from sdcli import devices
 
     gib = 2**30
     segments = [
@@ -184,7 +184,10 @@ def test_peak_memory_counts_what_cuda_graphs_hold(monkeypatch):
     ]
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda **kwargs: segments)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * gib)
-    assert pipeline.peak_memory_gb("cuda:0") == 3.0
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    with devices.peak_memory("cuda:0") as peak:
+        pass
+    assert peak.gb == 3.0
 
 
 @pytest.mark.gpu

@@ -156,7 +156,7 @@ def test_interrupted_probe_keeps_the_shapes_it_measured_and_says_how_to_go_on(cl
     """Ctrl-C (or a time limit's SIGINT) at the probe's second shape: the first shape's rows are printed (JSON too),
     the exit status is 130, and the message says which --family runs finish the job."""
     from conftest import sdpa
-    from sdcli.doctor import FAMILY_OPTIONS, REFERENCE_SHAPES, reference_shapes
+    from sdcli.diagnosis import FAMILY_OPTIONS, REFERENCE_SHAPES, reference_shapes
 
     def ctrl_c_at_80(q, k, v, attn_mask=None, scale=None):
         if q.shape[-1] == 80:
@@ -211,3 +211,19 @@ def test_completion_scripts_are_current_and_complete_commands():
     assert check.returncode == 0, check.stderr
     result = run_sdcli(env={"_SDCLI_COMPLETE": "complete_bash", "COMP_WORDS": "sdcli doc", "COMP_CWORD": "1"})
     assert result.stdout.split() == ["doctor"]
+
+
+def test_autos_documented_order_is_the_declared_ranks():
+    """--no-tune's order comes from the backends' declared ranks, and is the order docs/usage.md documents."""
+    import re
+
+    from sdcli import backends
+    from sdcli.hardware import Machine
+
+    table = dict(re.findall(r"^  \| (NVIDIA GPU|CPU) \| ([^|(]+)", (ROOT / "docs" / "usage.md").read_text(), re.M))
+    gpu = Machine(json.loads((REPORTS / "h100.json").read_text()))
+    cpu = Machine(json.loads((REPORTS / "cpu.json").read_text()))
+    assert backends.auto_order(gpu) == table["NVIDIA GPU"].strip().split(" → ")
+    assert backends.auto_order(cpu) == table["CPU"].split() == ["sdpa"]
+    assert backends.auto_order(gpu, quantized=True) == ["sage-fp8-sm90", "sage-fp8", "sage", "sage1",
+                                                        *backends.auto_order(gpu)]

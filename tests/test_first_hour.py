@@ -140,12 +140,12 @@ def test_ctrl_c_while_the_model_loads_is_130_and_one_line(cli, tmp_path, monkeyp
 
 
 def test_an_interrupted_bench_keeps_no_empty_plot(cli, tmp_path, monkeypatch, recwarn):
-    from sdcli import bench
+    from sdcli import benchmark
 
     def interrupted(self, config, batch):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench.Runner, "point", interrupted)
+    monkeypatch.setattr(benchmark.Runner, "point", interrupted)
     out = tmp_path / "bench"
     result = cli("bench", "-m", "tiny", "--steps", "1", "--batch-sizes", "1", "--backends", "sdpa", "--no-micro",
                  "-o", out, code=130)
@@ -160,7 +160,7 @@ def test_an_interrupted_bench_keeps_no_empty_plot(cli, tmp_path, monkeypatch, re
 
 def test_the_readme_exit_codes_cover_every_exit_sdcli_makes():
     import sdcli
-    from sdcli import compare, pipeline, routing  # noqa: F401 (their error classes)
+    from sdcli import errors  # noqa: F401 (every error class)
 
     def subclasses(cls):
         return {cls, *(s for c in cls.__subclasses__() for s in subclasses(c))}

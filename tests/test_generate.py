@@ -101,13 +101,17 @@ def test_fallback_serves_other_layers_and_says_why(cli, tmp_path, register_backe
     assert {f["why"] for f in att["fallbacks"]} == {"head dim 32 > 16", "head dim 64 > 16"}
 
 
-def test_auto_reports_its_plan_not_fallbacks(cli, tmp_path):
-    """With --quantized, SageAttention heads auto's order and can't run here: that is auto's plan at work, not a
-    fallback. Only a backend the user named falls back."""
+def test_auto_reports_its_plan_not_fallbacks(cli, tmp_path, register_backend):
+    """With --quantized, a quantized kernel heads auto's order and can't take every layer: that is auto's plan at
+    work, not a fallback. Only a backend the user named falls back."""
+    from sdcli.backends import head_dim_at_most
+
+    register_backend("q-narrow", sdpa, [head_dim_at_most(16)], kind="quantized", auto_rank=1)
     att = generate(cli, tmp_path, "--quantized", "--no-tune")["attention"]
-    assert att["chain"][0] == "sage-fp8-sm90" and att["served"] == {"sdpa": UNET_LAYERS * 3 + 1}
-    assert all("sage-fp8-sm90" in l["refused"] for l in att["layers"])
+    assert att["chain"] == ["q-narrow", "sdpa"] and att["served"] == {"q-narrow": 6 * 3, "sdpa": 8 * 3 + 1}
+    assert sum("q-narrow" in l["refused"] for l in att["layers"]) == 8 + VAE_LAYERS
     assert att["fallbacks"] == []
+    assert generate(cli, tmp_path / "exact", "--no-tune")["attention"]["chain"] == ["sdpa"]  # quantized: asked for
 
 
 def test_kernel_error_on_first_call_falls_back_or_fails(cli, tmp_path, register_backend):

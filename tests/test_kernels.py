@@ -262,7 +262,7 @@ def test_flash_attn_4_version_is_never_its_modules_placeholder(tmp_path, monkeyp
             del sys.modules[name]
     assert info["import_ok"] is True and info["version"] is None
     machine = hardware.Machine({"packages": {"flash_attn_4": info}})
-    assert backends.fa4_installed(machine, None) is None
+    assert backends.get("flash-attn-4").package.check(machine, None) is None
 
 
 def test_gpus_are_matched_by_uuid_not_by_index(monkeypatch):
@@ -391,15 +391,15 @@ def test_gpu_new_backend_within_its_bound_at_sd1_shapes_it_takes(cli, name):
     """Judged at batch 1, timed at batch 2 (flex-compiled: one compile per shape for both). SD 1.x and the VAE
     only (SDXL's for a backend that takes none of theirs: sage1), so that `pytest -m gpu` stays under a minute;
     `doctor --probe` covers every family."""
-    from sdcli import backends, doctor, hardware, timing
+    from sdcli import backends, diagnosis, hardware, timing
 
     if name not in usable_here(cli):
         pytest.skip(f"{name} is not usable on this machine")
     machine = hardware.Machine(hardware.probe(measure=False))
     backend = backends.get(name)
     ran = []
-    for family, shapes in {**doctor.reference_shapes("sd1"), **doctor.reference_shapes("vae"),
-                           **doctor.reference_shapes("sdxl")}.items():
+    for family, shapes in {**diagnosis.reference_shapes("sd1"), **diagnosis.reference_shapes("vae"),
+                           **diagnosis.reference_shapes("sdxl")}.items():
         if ran and family.startswith("SDXL"):
             break
         for heads, head_dim, q_len, kv_len in shapes:

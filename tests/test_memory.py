@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
 from conftest import REPORTS, make_plugin
 from sdcli import families, memory
 from sdcli.hardware import Machine
-from sdcli.pipeline import Settings
+from sdcli.options import Options
 
 GiB = 2**30
 
@@ -57,11 +58,12 @@ def test_a_gpu_is_judged_by_its_free_memory():
     report = json.loads((REPORTS / "h100.json").read_text())
     sd = next(f for f in families.FAMILIES if f.name == "SD 1.x/2.x")
     machine = Machine(report, "cuda:0")
-    math = Settings(prompts=["a cat"], model="stable-diffusion-v1-5/stable-diffusion-v1-5", width=4096, height=4096,
-                    guidance=7.5, backend="sdpa-math", output_dir=None)
+    math = Options.make("stable-diffusion-v1-5/stable-diffusion-v1-5", prompts=["a cat"], width=4096, height=4096,
+                        guidance=7.5, backend="sdpa-math", output_dir=None)
     with pytest.raises(Exception, match=r"NVIDIA H100 80GB HBM3 \(SM90\) has 78.6 GiB free"):
-        memory.check(math, sd, machine, "bf16", "bf16", judged=False)
-    memory.check(Settings(**{**math.__dict__, "backend": "sdpa"}), sd, machine, "bf16", "bf16", judged=False)
+        memory.must_fit(math, sd, machine, "bf16", "bf16", judged=False)
+    memory.must_fit(replace(math, attention=replace(math.attention, backend="sdpa")), sd, machine, "bf16", "bf16",
+                    judged=False)
 
 
 @pytest.mark.parametrize("model", list(memory.TINY))

@@ -114,3 +114,41 @@ def test_probe_gives_the_true_reason_for_a_finite_but_wrong_kernel(cli, tmp_path
     verdict = next(line for line in out.splitlines() if line.startswith("│ unscaled") and "failed the probe" in line)
     assert "usable" not in verdict
     assert all(re.search(r"bound 2×\s*│\s*│\s*│$", line) for line in rows), rows
+
+
+def test_a_plugins_own_package_shows_in_doctor_with_its_version(cli, tmp_path, plugins):
+    """A plug-in declares the package it needs as a built-in does: the report probes it, doctor lists it with its
+    version, and its package check sees it installed."""
+    make_plugin(tmp_path, "ownkernel", BASE + """
+    from sdcli.backends import Package
+
+    backend = Backend("own", "a kernel in a package of its own", attention=attention,
+                      package=Package("ownkernel", ("ownkernel",), "ownkernel", min_version="2.0"))
+    """, {"own": "backend"}, version="2.5")
+    plugins(tmp_path)
+    data = cli.json("doctor")
+    assert data["report"]["packages"]["ownkernel"] == {"version": "2.5", "import_ok": True, "error": None}
+    assert next(r for r in data["verdicts"]["backends"] if r["backend"] == "own")["status"] == "usable"
+    table = cli("doctor", env={"COLUMNS": "200"}).stdout
+    assert re.search(r"│ ownkernel\s+│ 2\.5\s+│ ok", table), table
+
+
+def test_a_new_builtin_backend_is_one_declaration(cli, tmp_path, declare_builtin, monkeypatch):
+    """One more declaration among sdcli's own, and nothing else: doctor's table and the report list its package,
+    auto's measured plans are keyed by that package's version, and auto's documented order has it at its rank."""
+    import importlib.metadata
+
+    from conftest import sdpa
+    from sdcli.backends import Backend, Package
+
+    declare_builtin(Backend("newkernel", "a new kernel", attention=sdpa, auto_rank=105,  # sdpa's is 110
+                            package=Package("safetensors", ("safetensors",), "safetensors")))
+    version = importlib.metadata.version("safetensors")
+    data = cli.json("doctor")
+    assert data["report"]["packages"]["safetensors"]["version"] == version
+    assert next(r for r in data["verdicts"]["backends"] if r["backend"] == "newkernel")["origin"] == "sdcli"
+    assert re.search(rf"│ safetensors\s+│ {re.escape(version)}\s+│ ok", cli("doctor", env={"COLUMNS": "200"}).stdout)
+    monkeypatch.setenv("SDCLI_CACHE_DIR", str(tmp_path / "cache"))
+    run = cli.json("generate", "a cat", *TINY, "-o", tmp_path)
+    assert run["tuning"]["key"]["versions"]["safetensors"] == version
+    assert run["attention"]["chain"] == ["newkernel", "sdpa"]  # auto's order on the CPU

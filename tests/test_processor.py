@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
-from sdcli import backends, routing
+from sdcli import backends, hardware, routing
 
 B, S, KV, DIM, CROSS = 2, 12, 7, 32, 24
 
@@ -24,7 +24,7 @@ def routed_and_stock(attn: Attention, stock=None, **call):
     attn.set_processor(stock or AttnProcessor2_0())
     with torch.no_grad():
         expected = attn(**call)
-    router = routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa")
+    router = routing.Router([backends.get("sdpa")], hardware.Machine({}, "cpu"), True, "sdpa")
     routing.route(attn, router)
     assert type(attn.processor) is type(stock or AttnProcessor2_0())  # the processor stays diffusers' own
     try:
@@ -112,7 +112,7 @@ def test_a_legacy_processor_with_its_own_scale_keeps_it_and_is_reported_not_rout
     hidden = call()["hidden_states"]
     with torch.no_grad():
         expected = attn(hidden)
-    router = routing.Router([backends.get("sdpa")], backends.Machine({}, "cpu"), True, "sdpa")
+    router = routing.Router([backends.get("sdpa")], hardware.Machine({}, "cpu"), True, "sdpa")
     routing.route(attn, router)
     try:
         with torch.no_grad():

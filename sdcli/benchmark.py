@@ -14,8 +14,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field, replace
 
-from sdcli import backends, families, hardware, out_of_memory, pipeline, routing, speed, timing, tuning
+from sdcli import backends, devices, hardware, pipeline, routing, speed, timing, tuning
+from sdcli.errors import plural
 from sdcli.images import write_new
+from sdcli.options import Options, Speed
 
 STOCK = "diffusers"
 OPTIONS = ("fuse-qkv", "channels-last", "compile", "compile-vae")  # the speed options a row can have, in order
@@ -39,12 +41,11 @@ class Config:
         return "+".join((STOCK, *self.options))
 
 
-def choose_configs(report: dict, device: str, names: list[str] | None, options: tuple[str, ...]) -> list[Config]:
+def choose_configs(machine: hardware.Machine, names: list[str] | None, options: tuple[str, ...]) -> list[Config]:
     """Stock diffusers, auto, then each named backend (default: every exact one usable here); with speed options
     also stock diffusers and auto with them. In order of value, so that a bench cut short has the answer to its
     first question (auto against stock): the single backends after them (fastest first, see fastest_first), and the
     option rows last, since fusing and compiling change the model."""
-    machine = hardware.Machine(report, device)
     if names is None:
         names = [b.name for b in backends.usable_here(machine, quantized=False, in_auto_only=True)]
     configs = [Config(STOCK, None), Config("auto", "auto")] + [Config(n, n) for n in names if n != routing.AUTO]
@@ -75,24 +76,24 @@ def largest_batch(fits, limit: int) -> tuple[int, list[tuple[int, bool]]]:
     Returns it (0 if not even 1 fits) and every (batch, fitted) tried."""
     tried = []
 
-    def check(b: int) -> bool:
+    def tried_at(b: int) -> bool:
         ok = fits(b)
         tried.append((b, ok))
         return ok
 
     good, bad, b = 0, None, 1
     while b <= limit:  # double until something does not fit
-        if not check(b):
+        if not tried_at(b):
             bad = b
             break
         good, b = b, b * 2
     if bad is None and good < limit:  # every doubling fitted: the limit itself is the last candidate
-        if check(limit):
+        if tried_at(limit):
             return limit, tried
         bad = limit
     while bad is not None and bad - good > 1:  # bisect between what fitted and what did not
         mid = (good + bad) // 2
-        if check(mid):
+        if tried_at(mid):
             good = mid
         else:
             bad = mid
@@ -110,6 +111,13 @@ class Runner:
     compile_mode: str = "default"  # as asked for (sdcli.speed.compile_mode says what runs)
     routed_for: tuple | None = ()  # (backend, plan) the processors now serve; None: stock; (): not known
 
+    def speed_of(self, config: Config) -> Speed:
+        """The speed options of `config`'s row, as its plan is keyed: the run's TF32 and autotuner, its own options."""
+        return replace(self.run.options.speed, fuse_qkv="fuse-qkv" in config.options,
+                       channels_last="channels-last" in config.options, compile="compile" in config.options,
+                       compile_vae="compile-vae" in config.options,
+                       compile_mode=self.compile_mode if config.compiled else "default")
+
     def say(self, text: str, advance: int = 0) -> None:
         if self.on_progress:
             self.on_progress(text, advance)
@@ -118,10 +126,7 @@ class Runner:
         """Route (or un-route) the pipeline for `config` at `batch`; auto measures or reads its plan for `batch`
         (with tune=False it keeps the plan it has: the batch search needs memory, not speed). The processors
         stay as they are while the config and its plan do: a compiled model then keeps its graphs."""
-        run, s = self.run, self.run.settings
-        s.fuse_qkv, s.channels_last = "fuse-qkv" in config.options, "channels-last" in config.options
-        s.compile, s.compile_vae = "compile" in config.options, "compile-vae" in config.options
-        s.compile_mode = self.compile_mode if config.compiled else "default"
+        run, options = self.run, self.speed_of(config)
         new = {"fuse-qkv", "channels-last"} & set(config.options) - self.applied
         speed.apply(run.pipe, "fuse-qkv" in new, "channels-last" in new)
         if "fuse-qkv" in new:
@@ -130,8 +135,7 @@ class Runner:
         preferred = None
         if config.backend == routing.AUTO:
             if tune or run.tuning is None:
-                s.batch_size = batch
-                run.tuning = tuning.load_or_tune(run, pipeline.one_step,
+                run.tuning = tuning.load_or_tune(run, options, batch, pipeline.one_step,
                                                  on_progress=lambda t: self.say(f"auto's plan: {t}"))
                 if not run.tuning["cached"]:
                     self.routed_for = ()  # measuring routed the model for itself
@@ -143,26 +147,23 @@ class Runner:
                 run.router = None
             else:
                 run.router = routing.route(run.pipe, routing.Router.for_request(
-                    config.backend, run.report, run.device, fallback=True, preferred=preferred))
+                    config.backend, run.machine, fallback=True, preferred=preferred))
             self.routed_for = wanted
         compile_now = {"compile", "compile-vae"} & set(config.options) - self.applied
         if compile_now:
-            speed.compile(run.pipe, speed.compile_mode(s.compile_mode, run.device)[0],
+            speed.compile(run.pipe, run.family, speed.compile_mode(options.compile_mode, run.device)[0],
                           denoiser="compile" in compile_now, vae="compile-vae" in compile_now)
             self.applied |= compile_now
         return run.router
 
     def render(self, batch: int, steps: int | None = None) -> float:
-        items = pipeline.work_items(self.run.settings)[:1] * batch
+        items = pipeline.work_items(self.run.options)[:1] * batch
         with timing.stopwatch(self.run.device) as watch:
             pipeline.render(self.run, items, steps=steps)
         return watch.seconds
 
     def point(self, config: Config, batch: int) -> dict:
         """Throughput of `config` at `batch`: a short warm-up, then the median of `repeats` full runs."""
-        import torch
-
-        cuda = self.run.device.startswith("cuda")
         try:
             router = self.use(config, batch)
             # warm-up: kernel loading, autotuning; compiled, a forward per shape runs eagerly, the next compiles,
@@ -171,19 +172,16 @@ class Runner:
                 self.render(batch, steps=1 if config.compiled else 2)
             if router:
                 router.reset_counts()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(self.run.device)
-            times = [self.render(batch) for _ in range(self.repeats)]
+            with devices.peak_memory(self.run.device) as peak:  # CUDA graphs' pools too
+                times = [self.render(batch) for _ in range(self.repeats)]
         except Exception as exc:
-            if not out_of_memory(exc):
+            if not devices.recovered(exc):
                 raise
-            pipeline.release_memory()
             return {"batch": batch, "oom": True}
         seconds = statistics.median(times)
         point = {
             "batch": batch, "oom": False, "seconds": seconds, "times": times,
-            "images_per_s": batch / seconds, "s_per_image": seconds / batch,
-            "peak_gb": pipeline.peak_memory_gb(self.run.device) if cuda else None,  # CUDA graphs' pools too
+            "images_per_s": batch / seconds, "s_per_image": seconds / batch, "peak_gb": peak.gb,
             "served": dict(router.served()) if router else None,  # stock diffusers: its own processors, uncounted
         }
         if config.backend == routing.AUTO:
@@ -198,57 +196,51 @@ class Runner:
             self.render(batch, steps=1)
             return True
         except Exception as exc:
-            if not out_of_memory(exc):
+            if not devices.recovered(exc):
                 raise
-            pipeline.release_memory()
             return False
 
 
-def bench(settings: pipeline.Settings, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
-          find_max: bool = True, max_batch: int = 256, micro: bool = True, on_progress=None,
-          report: dict | None = None, expose=None) -> dict:
-    """Load the settings' model and bench it (see bench_run): what `sdcli bench` runs. The speed options come from
-    `settings` (fuse_qkv, channels_last, compile, compile_vae, with compile_mode); TF32 and cuDNN's autotuner
-    hold for every row alike."""
+def load(options: Options, names: list[str] | None = None, report: dict | None = None) -> pipeline.Run:
+    """The options' model, loaded plainly for bench: each configuration routes for itself and turns its own speed
+    options on (bench then gets the options asked for). Bad options, unknown `names` and names that can't run
+    here at all fail first, with doctor's fix."""
+    options = pipeline.resolve(options)
     for name in names or []:
-        settings.backend = name
-        settings.validate()  # unknown names fail here, before loading anything
-    settings.apply_family()  # and options the model's family can't take
-    report = report or hardware.probe()
-    machine = hardware.Machine(report, pipeline.choose_device(report, settings.device))
-    for name in names or []:  # and names that can't run here at all, with doctor's fix
+        backends.get(name)  # unknown names fail before anything loads
+    machine = pipeline.machine_for(options, report)
+    for name in names or []:
         pipeline.check_runs_here(name, machine, "--backends")
-    options = tuple(o for o, on in zip(OPTIONS, (settings.fuse_qkv, settings.channels_last, settings.compile,
-                                                 settings.compile_vae)) if on)
-    # loaded plainly: each config routes for itself and turns its own options on
-    plain = replace(settings, backend="sdpa", tune=False, fuse_qkv=False, channels_last=False, compile=False,
-                    compile_vae=False, compile_mode="default")
-    run = pipeline.prepare(plain, report, judged=True)  # auto's plans and the kernel table judge kernels
-    return bench_run(run, batch_sizes, repeats, names, options, settings.compile_mode, find_max, max_batch, micro,
-                     on_progress, expose)
+    plain = replace(options, attention=replace(options.attention, backend="sdpa", tune=False),
+                    speed=replace(options.speed, fuse_qkv=False, channels_last=False, compile=False, compile_vae=False,
+                                  compile_mode="default"))
+    return pipeline.prepare(plain, machine, judged=True)  # auto's plans and the kernel table judge kernels
 
 
-def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names: list[str] | None = None,
-              options: tuple[str, ...] = (), compile_mode: str = "default", find_max: bool = True,
-              max_batch: int = 256, micro: bool = True, on_progress=None, expose=None) -> dict:
+def bench(run: pipeline.Run, speed_options: Speed, batch_sizes: list[int], repeats: int = 3,
+          names: list[str] | None = None, find_max: bool = True, max_batch: int = 256, micro: bool = True,
+          on_progress=None, expose=None) -> dict:
     """Every configuration at every batch size on the run's pipeline, the largest batch that fits, and (with
     `micro`) every backend alone at the model's attention shapes; then the speed-ups that tell the attention
-    choice and the speed options apart (see summary). `expose(sum_up)`, if given, receives a function that returns
-    the result so far, summed up as if interrupted now (for a Ctrl-C that can't wait for the main thread)."""
+    choice and the speed options apart (see speedups). The rows with options have `speed_options`' fuse_qkv,
+    channels_last, compile and compile_vae (in its compile_mode); TF32 and cuDNN's autotuner are the run's, for
+    every row alike. `expose(sum_up)`, if given, receives a function that returns the result so far, summed up
+    as if interrupted now (for a Ctrl-C that can't wait for the main thread)."""
     import torch
 
-    settings, report = run.settings, run.report
-    configs = choose_configs(report, run.device, names, options)
-    runner = Runner(run, repeats, on_progress, compile_mode=compile_mode)
-    machine = hardware.Machine(report, run.device)
+    options = tuple(o for o, on in zip(OPTIONS, (speed_options.fuse_qkv, speed_options.channels_last,
+                                                 speed_options.compile, speed_options.compile_vae)) if on)
+    sampling, machine = run.options.sampling, run.machine
+    configs = choose_configs(machine, names, options)
+    runner = Runner(run, repeats, on_progress, compile_mode=speed_options.compile_mode)
     compiles = "compile" in options or "compile-vae" in options
-    mode, note = speed.compile_mode(compile_mode, run.device)
+    mode, note = speed.compile_mode(speed_options.compile_mode, run.device)
     result = {
         "model": run.model_name, "device": run.device, "gpu": machine.gpu_label,
-        "dtype": run.dtype, "vae_dtype": run.vae_dtype, "steps": settings.steps, "guidance": settings.guidance,
-        "guidance_type": families.of_pipeline(run.pipe).guidance, "width": run.size[0], "height": run.size[1],
+        "dtype": run.dtype, "vae_dtype": run.vae_dtype, "steps": sampling.steps, "guidance": sampling.guidance,
+        "guidance_type": run.family.guidance, "width": run.size[0], "height": run.size[1],
         "repeats": repeats, "batch_sizes": batch_sizes, "versions": {k: v.get("version") for k, v in
-                                                                    report.get("packages", {}).items()},
+                                                                    run.report.get("packages", {}).items()},
         # every row: TF32 and cuDNN's autotuner; the rows with options: those, compiled in this mode
         "speed": {"tf32": run.speed.get("tf32"), "cudnn_benchmark": run.speed.get("cudnn_benchmark"),
                   "options": list(options), "compile_mode": mode if compiles else None,
@@ -273,7 +265,7 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
                 baseline = rows.get(base)
                 if row["best"] and baseline and baseline["best"]:
                     row[key] = row["best"]["images_per_s"] / baseline["best"]["images_per_s"]
-        done["summary"] = summary(done, options)
+        done["summary"] = speedups(done, options)
         return done
 
     if expose:
@@ -281,8 +273,7 @@ def bench_run(run: pipeline.Run, batch_sizes: list[int], repeats: int = 3, names
     try:
         if micro:  # first: the compiled configurations come last and would have to recompile for it
             runner.say("attention kernels at the model's shapes")
-            run.settings.batch_size = 1
-            shapes, activations = tuning.collect_shapes(run, pipeline.one_step)
+            shapes, activations = tuning.collect_shapes(run, pipeline.one_step, batch=1)
             result["attention"] = tuning.measure_shapes(shapes, machine, quantized=True, everything=True,
                                                         on_progress=lambda t: runner.say(f"kernels: {t}"),
                                                         activations=activations)
@@ -323,7 +314,7 @@ def measure_config(runner: Runner, config: Config, batch_sizes: list[int], find_
     return row
 
 
-def summary(result: dict, options: tuple[str, ...]) -> list[dict]:
+def speedups(result: dict, options: tuple[str, ...]) -> list[dict]:
     """The speed-ups that answer the questions, each between two rows at their best batch size: what the
     attention choice buys (auto over stock, both without options and both with the same options), what the
     options buy (stock with them over stock without), and the two together."""
@@ -373,6 +364,16 @@ def plot(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def kept(result: dict) -> str:
+    """What an interrupted bench kept, in words."""
+    cut = result["interrupted"]
+    done = f"{cut['rows_done']} of {plural(cut['rows_planned'], 'configuration')} measured"
+    if not result.get("json"):
+        return f"{done}: nothing to keep"
+    return f"{done}, kept in {result['json']}" + (f" and {result['plot']}" if result.get("plot") else
+                                                   " (no plot: no configuration finished a point)")
 
 
 def save(result: dict, folder) -> dict:

@@ -11,8 +11,9 @@ import json
 import re
 from pathlib import Path
 
-from sdcli import SdcliError, callable_module, hardware, numerics, plural, timing, validate
+from sdcli import devices, hardware, numerics, timing, validate
 from sdcli.backends import BROKEN, Backend, Shape, all_backends, plugin_errors, usable_here
+from sdcli.errors import SdcliError, plural
 from sdcli.hardware import Machine
 
 # The attention shapes of the models sdcli is for (../shared/FACTS.md): (heads, head_dim, q_len, kv_len).
@@ -72,12 +73,12 @@ def assess(report: dict, device: str | None = None, dtype: str | None = None, fa
     return {"device": machine.device, "gpu": machine.gpu_label, "dtype": dtype, "backends": rows}
 
 
-def probe(report: dict, verdicts: dict, on_progress=None, families: dict = REFERENCE_SHAPES) -> tuple[list, dict | None]:
+def probe_kernels(report: dict, verdicts: dict, on_progress=None, families: dict = REFERENCE_SHAPES) -> tuple[list, dict | None]:
     """Run every usable backend at each self-attention shape of `families` it takes: judged against exact
     attention by compare's rule (why, when it fails) and timed. on_progress(text, total) before each shape.
     Returns the rows, and None, or after Ctrl-C (or a time limit's SIGINT) the rows of the shapes finished and
     what was left: {shapes_done, shapes_planned, families_left}."""
-    cap = None if verdicts["device"].startswith("cuda") else CPU_PROBE_SEQ
+    cap = None if devices.is_cuda(verdicts["device"]) else CPU_PROBE_SEQ
     shapes, owners = [], {}
     for family, items in families.items():
         for heads, head_dim, q, kv in items:
@@ -140,7 +141,7 @@ def load_report(path: Path) -> dict:
     return validate.report(data, path)
 
 
-def diagnose(report: Path | None = None, probe_kernels: bool = False, device: str | None = None,
+def diagnose(report: Path | None = None, probe: bool = False, device: str | None = None,
              dtype: str | None = None, on_progress=None, family: str | None = None) -> dict:
     """The whole doctor report: the machine (probed now, or read from `report`), every backend's verdict, the
     probe's measurements (if asked) and the measured plans cached for this machine; with `family`, the layer
@@ -148,13 +149,13 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
     families = reference_shapes(family)
     if dtype is not None and dtype not in numerics.DTYPES:
         raise SdcliError(f"--dtype must be one of {', '.join(numerics.DTYPES)}, not {dtype!r}")
-    validate.device(device, auto=False)
-    if report and probe_kernels:
+    devices.parse(device, auto=False)
+    if report and probe:
         raise SdcliError("--probe runs kernels on this machine; it can't be combined with --report")
     data = load_report(report) if report else hardware.probe()
-    validate.gpu_in_report(device, data)
+    devices.in_report(device, data)
     verdicts = assess(data, device, dtype, families)
-    probed, cut = probe(data, verdicts, on_progress, families) if probe_kernels else (None, None)
+    probed, cut = probe_kernels(data, verdicts, on_progress, families) if probe else (None, None)
     if probed:
         probe_verdicts(verdicts, probed)
     from sdcli import tuning  # loads torch: after the checks, so that bad input fails fast
@@ -165,6 +166,3 @@ def diagnose(report: Path | None = None, probe_kernels: bool = False, device: st
     if cut:
         result["probe_interrupted"] = cut
     return result
-
-
-callable_module(__name__, "doctor")  # `sdcli.doctor(...)` stays the API function once this module is imported

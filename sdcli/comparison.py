@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from sdcli import SdcliError, backends, callable_module, error_line, hardware, numerics, out_of_memory, pipeline, \
-    plural, routing, timing
-from sdcli.images import write_new
+from sdcli import backends, devices, hardware, numerics, pipeline, routing, timing
 from sdcli.backends import EXACT, Backend
+from sdcli.errors import Interrupted, SdcliError, error_line, plural
+from sdcli.images import write_new
+from sdcli.options import Options
 
 PASS, FAIL, FAILED, REFERENCE = "pass", "FAIL", "failed", "reference"
+REFERENCE_BACKEND = "sdpa-math"  # the most exact backend: SDPA's math kernel
 NOT_APPLICABLE = "n/a"       # usable here, but no layer of this model has a shape it takes: nothing to judge
 NOT_JUDGED = "not judged"    # interrupted before its kernel-level check finished
 
 
-class CompareFailed(SdcliError):
-    exit_code = 1
-
-
-@dataclass
+@dataclass(frozen=True)
 class Thresholds:
     exact_tol: float = numerics.EXACT_TOL          # × the rounding of the exact result to the run's dtype
     quantized_tol: float = numerics.QUANTIZED_TOL  # relative L2 error (SageAttention 2 reports ~0.01-0.05)
@@ -45,15 +43,11 @@ class Thresholds:
                              f"{self.exact_tol} and {self.quantized_tol}")
 
 
-def choose(report: dict, device: str, names: list[str] | None, reference: str | None) -> tuple[Backend, list[Backend]]:
+def choose(machine: hardware.Machine, names: list[str] | None, reference: str | None) -> tuple[Backend, list[Backend]]:
     """The reference (default: the most exact backend here, SDPA's math kernel) and the backends to compare
     (default: every one usable on this machine)."""
-    machine = hardware.Machine(report, device)
-    try:
-        ref = backends.get(reference or "sdpa-math")
-        chosen = [backends.get(n) for n in names] if names else None
-    except KeyError as exc:
-        raise SdcliError(exc.args[0]) from None
+    ref = backends.get(reference or REFERENCE_BACKEND)
+    chosen = [backends.get(n) for n in names] if names else None
     if not ref.verdict(machine).usable:
         raise SdcliError(f"reference backend {ref.name} can't run here: {ref.verdict(machine).reason}")
     if chosen is None:
@@ -107,9 +101,8 @@ def _judge_cases(cases, candidates, machine, t, rows: dict, failed: dict) -> Non
                     base = base or numerics.baseline(*call)
                     acc = numerics.accuracy(backend.run(*call[:3], attn_mask=call[3]), *call, base=base)
             except Exception as exc:
-                if out_of_memory(exc):
+                if devices.recovered(exc):
                     failed[backend.name] = error_line(exc)
-                    pipeline.release_memory()
                     continue
                 rows[backend.name].append({**row, "status": "failed", "why": f"kernel failed: {error_line(exc)}"})
                 continue
@@ -152,9 +145,6 @@ class Outcome:
 
 def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, warmup: bool) -> Outcome:
     """One image through `router`, after an untimed 1-step warm-up (kernel loading, autotuning)."""
-    import torch
-
-    cuda = run.device.startswith("cuda")
     if warmup:
         routing.route(run.pipe, router.fresh())
         pipeline.render(run, [item], steps=1)
@@ -165,40 +155,35 @@ def render_with(run: pipeline.Run, router: routing.Router, item: pipeline.Item, 
         if step == 0:
             first["latent"] = latents.detach().float().clone()
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(run.device)
-        before = torch.cuda.memory_allocated(run.device)
-    with timing.stopwatch(run.device) as watch:
+    with devices.peak_memory(run.device, above_start=True) as peak, timing.stopwatch(run.device) as watch:
         images, problems = pipeline.render(run, [item], on_step)
     first_name = router.chain[0].name
     return Outcome(
         router.requested, router.chain[0].kind, image=images[0], step_latent=first.get("latent"), seconds=watch.seconds,
-        peak_memory_gb=round((torch.cuda.max_memory_allocated(run.device) - before) / 2**30, 3) if cuda else None,
+        peak_memory_gb=peak.gb,
         served=dict(router.served()), layers=len(router.layers), problem=problems[0],
         fallback_layers=sum(1 for l in router.layers if first_name in l.refused and l.served()))
 
 
-def compare(settings: pipeline.Settings, names: list[str] | None = None, reference: str | None = None,
-            thresholds: Thresholds | None = None, on_progress=None, report: dict | None = None) -> dict:
-    """Load the settings' model and compare (see compare_run): what `sdcli compare` runs."""
-    report = report or hardware.probe()
-    ref, _ = choose(report, pipeline.choose_device(report, settings.device), names, reference)  # before loading
-    settings.backend = ref.name
-    settings.validate()
-    if on_progress:
-        on_progress(f"loading {settings.model}")
-    return compare_run(pipeline.prepare(settings, report, judged=True), names, reference, thresholds, on_progress)
+def load(options: Options, names: list[str] | None = None, reference: str | None = None,
+         report: dict | None = None) -> pipeline.Run:
+    """The options' model, loaded with the reference's routing, for `compare`: bad options, and backends that are
+    unknown or a reference that can't run here, fail before it loads."""
+    options = pipeline.resolve(replace(options, attention=replace(options.attention, backend=reference or REFERENCE_BACKEND)))
+    machine = pipeline.machine_for(options, report)
+    choose(machine, names, reference)
+    return pipeline.prepare(options, machine, judged=True)
 
 
-def compare_run(run: pipeline.Run, names: list[str] | None = None, reference: str | None = None,
-                thresholds: Thresholds | None = None, on_progress=None) -> dict:
+def compare(run: pipeline.Run, names: list[str] | None = None, reference: str | None = None,
+            thresholds: Thresholds | None = None, on_progress=None) -> dict:
     """Run the reference and every backend on the run's first item; return rows with verdicts and images.
     The pipeline's routing is put back as it was."""
     thresholds = thresholds or Thresholds()
-    ref, others = choose(run.report, run.device, names, reference)
+    ref, others = choose(run.machine, names, reference)
     say = on_progress or (lambda text: None)
-    machine = hardware.Machine(run.report, run.device)
-    item = pipeline.work_items(run.settings)[0]
+    machine = run.machine
+    item = pipeline.work_items(run.options)[0]
     saved = routing.snapshot(run.pipe)
     try:
         outcomes, ref_router = render_all(run, item, ref, others, say)
@@ -213,10 +198,10 @@ def compare_run(run: pipeline.Run, names: list[str] | None = None, reference: st
             o.error = ran_out[o.backend]
 
     unjudged = {b.name for b in rendered} if cut else set()
-    rows = [summarise(o, reference_out, kernel_rows.get(o.backend), thresholds, is_reference=o is reference_out,
+    rows = [verdict_row(o, reference_out, kernel_rows.get(o.backend), thresholds, is_reference=o is reference_out,
                       judged=o.backend not in unjudged) for o in outcomes]
     result = {
-        "model": run.model_name, "prompt": item.prompt, "seed": item.seed, "steps": run.settings.steps,
+        "model": run.model_name, "prompt": item.prompt, "seed": item.seed, "steps": run.options.sampling.steps,
         "device": run.device, "gpu": machine.gpu_label, "dtype": run.dtype, "vae_dtype": run.vae_dtype,
         "reference": ref.name, "thresholds": thresholds.__dict__, "rows": rows,
         "passed": all(r["verdict"] in (PASS, REFERENCE, NOT_APPLICABLE) for r in rows),
@@ -235,37 +220,29 @@ def render_all(run: pipeline.Run, item: pipeline.Item, ref: Backend, others: lis
     layers it can't take. Returns the outcomes, reference first, and the reference's router; Ctrl-C after the
     reference ends the list early (the outcomes so far are kept), before it there is nothing to keep."""
     say(f"reference: {ref.name}")
-    ref_router = routing.CapturingRouter.for_request(ref.name, run.report, run.device)
+    ref_router = routing.CapturingRouter.for_request(ref.name, run.machine)
     try:
         reference_out = render_with(run, ref_router, item, warmup=True)
     except KeyboardInterrupt:
-        raise pipeline.Interrupted(f"interrupted in the reference run ({ref.name}): nothing was compared yet") from None
+        raise Interrupted(f"interrupted in the reference run ({ref.name}): nothing was compared yet") from None
     if reference_out.problem:
         raise SdcliError(f"the reference run with {ref.name} came out bad: {reference_out.problem}")
     outcomes = [reference_out]
     for backend in others:
         say(f"{backend.name}")
-        router = routing.Router.for_request(backend.name, run.report, run.device, fallback=ref.name)
+        router = routing.Router.for_request(backend.name, run.machine, fallback=ref.name)
         try:
             outcome = render_with(run, router, item, warmup=True)
         except KeyboardInterrupt:
             break
         except Exception as exc:  # a backend that crashes is reported; the others still run
             outcome = Outcome(backend.name, backend.kind, error=error_line(exc))
-            pipeline.release_memory()
+            devices.release_memory()
         outcomes.append(outcome)
     return outcomes, ref_router
 
 
-def check(result: dict) -> None:
-    """CompareFailed if any backend broke its bound or failed."""
-    broken = [r["backend"] for r in result["rows"] if r["verdict"] in (FAIL, FAILED)]
-    if broken:
-        raise CompareFailed(f"{plural(len(broken), 'backend')} broke {'its' if len(broken) == 1 else 'their'} bound "
-                            f"or failed: {', '.join(broken)}")
-
-
-def summarise(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool,
+def verdict_row(o: Outcome, ref: Outcome, kernels: list[dict] | None, t: Thresholds, is_reference: bool,
               judged: bool = True) -> dict:
     row = {"backend": o.backend, "kind": o.kind, "seconds": o.seconds, "peak_memory_gb": o.peak_memory_gb,
            "served": o.served, "layers": o.layers, "fallback_layers": o.fallback_layers, "error": o.error}
@@ -364,6 +341,3 @@ def save(result: dict, folder) -> dict:
     js = write_new(folder, stem, ".json", lambda p: p.write_text(json.dumps(public, indent=2, default=str)))
     public["json"] = str(js)
     return public
-
-
-callable_module(__name__, "compare")  # `sdcli.compare(...)` stays the API function once this module is imported
