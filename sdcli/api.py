@@ -144,7 +144,7 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
 
 
 def unroute(pipe) -> None:
-    """Put diffusers' own attention processor back everywhere sdcli routes."""
+    """Stop routing `pipe`: its attention calls go straight to diffusers and torch again, uncounted."""
     from sdcli import routing
 
     routing.unroute(pipe)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
@@ -71,6 +72,9 @@ class Group(TyperGroup):
         except SdcliError as exc:
             views.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:  # the reader went away (`sdcli doctor | head`): not an error, and nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush can't fail again
+            raise typer.Exit(1) from None  # as click does when its own output (--help) finds the pipe closed
         except Exception as exc:
             if os.environ.get("SDCLI_DEBUG"):
                 raise

@@ -4,6 +4,8 @@ files in auto's plan cache, a size given on one side only, and `--resume` with o
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,12 @@ def test_resume_counts_an_image_done_only_when_every_pixel_setting_matches(cli, 
     result = cli(*RESUME_RUN, *changed, "-o", first_run, "--resume", code=2)
     assert f"--resume: {image} was made with {setting} {theirs}, this run has {ours}" in result.output
     assert [p.name for p in first_run.glob("*.png")] == [image.name]  # nothing made, nothing removed
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`sdcli doctor --json | head`: output to a closed pipe is no error and no traceback, as rich and click do."""
+    proc = subprocess.Popen([sys.executable, "-m", "sdcli", "doctor", "--report", REPORTS / "h100.json", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before sdcli writes a byte
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and stderr == "", stderr

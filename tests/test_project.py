@@ -2,7 +2,7 @@
 
 from conftest import ROOT
 
-TEST_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && ./install.sh test && python -m pytest"
+TEST_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && ./install.sh test && python -m pytest -n auto --dist loadfile"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -12,7 +12,7 @@ from conftest import Cli, sdpa
 from sdcli import images, speed
 
 CALLS_PER_BATCH = 14 * 2 + 1  # 14 UNet attention layers × 2 steps (whole batch and CFG in one call) + the VAE's
-BATCH_SIZES = (1, 2, 3, 4, 5)
+BATCH_SIZES = (1, 2, 3)  # 1, then 2 (dynamo's automatic dynamic shapes would start here), then a third size
 GENERATE = ("generate", "a cat", "-m", "tiny", "--steps", 2, "--seed", 1, "--backend", "sdpa")
 UNET, VAE = "time_embedding", "post_quant_conv"  # a module only that part has: names its dynamo graphs
 
@@ -75,7 +75,7 @@ def per_layer(data: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def batch_sizes(tmp_path_factory):
-    """`generate --compile --compile-vae` at batch sizes 1..5 in one process, two batches of 2 steps at each size
+    """`generate --compile --compile-vae` at batch sizes 1..3 in one process, two batches of 2 steps at each size
     (the first forward at a size runs eagerly, the rest compiled), dynamo's graphs after each size; and the same
     runs uncompiled."""
     from torch._dynamo.utils import counters
@@ -149,7 +149,7 @@ def test_api_compiles_like_generate_and_a_callers_own_compile_still_counts_exact
 
 def test_bench_separates_the_gains_and_says_cpu_has_no_cuda_graphs(cli, tmp_path, monkeypatch):
     recorder = recording(monkeypatch)
-    text = cli("bench", "-m", "tiny", "--compile", "--compile-mode", "reduce-overhead", "--batch-sizes", "1,2",
+    text = cli("bench", "-m", "tiny", "--compile", "--compile-mode", "reduce-overhead", "--batch-sizes", "1",
                "--steps", "2", "--repeats", "1", "--backends", "sdpa", "--no-micro", "--no-find-max",
                "-o", tmp_path).stdout
     assert "CUDA graphs, which need a CUDA GPU: compiled in default mode" in text
@@ -161,14 +161,14 @@ def test_bench_separates_the_gains_and_says_cpu_has_no_cuda_graphs(cli, tmp_path
     assert rows["diffusers+compile"]["backend"] is None and rows["diffusers+compile"]["options"] == ["compile"]
     assert rows["auto+compile"]["baseline"] == "diffusers+compile" and rows["auto"]["baseline"] == "diffusers"
     for c in r["configs"]:
-        assert c["speedup_vs_baseline"] > 0 and [p["batch"] for p in c["points"]] == [1, 2]
+        assert c["speedup_vs_baseline"] > 0 and [p["batch"] for p in c["points"]] == [1]
         if c["backend"]:  # counted exactly, compiled or not
             assert all(sum(p["served"].values()) == CALLS_PER_BATCH for p in c["points"])
     assert [(s["row"], s["against"]) for s in r["summary"]] == [
         ("auto", "diffusers"), ("auto+compile", "diffusers+compile"), ("diffusers+compile", "diffusers"),
         ("auto+compile", "diffusers")]
-    # the compiled rows' timed renders ran the graphs: the UNet's 2 steps per timed render at each batch size
-    assert sum(recorder.runs[i] for i in recorder.of(UNET)) >= 2 * 2 * 2
+    # the compiled rows' timed renders ran the graphs: the UNet's 2 steps per timed render, in both compiled rows
+    assert sum(recorder.runs[i] for i in recorder.of(UNET)) >= 2 * 2
     torch._dynamo.reset()
 
 
