@@ -10,7 +10,8 @@
 # commands.txt has every command with its exit status (124: cut at its cap; "expected" where a failure is the
 # point), its seconds and its cap.
 #
-# On the project's lent GPU machine (../shared/gpu/README.md), call 1 (timeout_s 540, carry .whl and .whl-fa4a):
+# On the project's lent GPU machine (../shared/gpu/README.md), call 1 (timeout_s 540, carry .whl and .whl-fa4a,
+# filled by ../shared/gpu/wheels.sh then scripts/carry-split.sh):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=$PWD:/tmp/site || exit; scripts/gpu-evidence.sh main /tmp/ev
 # call 2 (carry .whl-fa4b): the README's FlashAttention-4 install line, then scripts/gpu-evidence.sh fa4 /tmp/ev-fa4
