@@ -53,8 +53,9 @@ FAMILY = {
     "SD 3/3.5": Footprint(1024, heads=24, token_px=16, text_tokens=77 + 256),
     "Flux.1": Footprint(1024, heads=24, token_px=16, text_tokens=512),
 }
-# sdcli's tiny built-ins (tests/test_memory.py checks these against the built pipelines)
+# sdcli's small built-ins (tests/test_memory.py checks these against the built pipelines)
 TINY = {
+    "shapes": Footprint(64, heads=2, token_px=4, vae_scale=4, vae_channels=32),
     "tiny": Footprint(128, heads=2, token_px=8, vae_channels=16),
     "tiny-sdxl": Footprint(128, heads=4, token_px=16, vae_channels=16),
     "tiny-sd3": Footprint(128, heads=2, token_px=16, text_tokens=77 + 256, vae_channels=16),

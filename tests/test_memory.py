@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import REPORTS, make_plugin
-from sdcli import families, memory
+from sdcli import families, memory, models
 from sdcli.hardware import Machine
 from sdcli.options import Options
 
@@ -66,10 +66,8 @@ def test_a_gpu_is_judged_by_its_free_memory():
                     judged=False)
 
 
-@pytest.mark.parametrize("model", list(memory.TINY))
+@pytest.mark.parametrize("model", list(models.TINY))  # every small built-in, the trained shapes too
 def test_the_tiny_footprints_are_the_built_pipelines(model):
-    from sdcli import models
-
     pipe = models.TINY[model]()
     family = families.of_pipeline(pipe)
     built = memory.of_configs(family, dict(getattr(pipe, family.denoiser).config), dict(pipe.vae.config),
