@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU evidence in one device call of about 8 minutes (issue 21), and an optional short second call for
 # FlashAttention-4:
-#   scripts/gpu-evidence.sh main [DIR]   environment facts, smoke calls, compare, bench, CUDA graphs, probe, faults, Flux
+#   scripts/gpu-evidence.sh main [DIR]   environment facts, smoke calls, compare, bench, CUDA graphs, probe, faults, Flux,
+#                                        kernel tests, shapes
 #   scripts/gpu-evidence.sh fa4 [DIR]    with FlashAttention-4 installed: its facts, probe, compare, kernel tests
 # Steps run in order of value, each under its own cap and the rest of a BUDGET (default 450 s; 200 for fa4): a step
 # past its time gets SIGINT, and what it finished stays (compare, bench, generate and doctor --probe keep their
@@ -101,6 +102,11 @@ main)
   # 9. the kernels' GPU tests (on a CPU they skip)
   step gpu-tests 45 python3 -m pytest -q -m gpu -p no:cacheprovider "$here/../tests/test_kernels.py" \
     "$here/../tests/test_bound.py" > "$out/gpu-tests.txt"
+  # 10. trained attention (the built-in shapes model, 64²): the survivors on a real picture, whose grid shows a
+  # difference where a random-weight model's noise hides it
+  step compare-shapes 30 python3 -m sdcli compare --seed 42 -m shapes --prompt "a red circle on a blue background" \
+    --dtype "$dtype" --steps "${steps:-15}" ${survivors:+--backends "$survivors"} -o "$out/compare-shapes" --json \
+    > "$out/compare-shapes.json"
   ;;
 fa4)
   step env 30 python3 "$here/gpu_evidence.py" env > "$out/env.json"
