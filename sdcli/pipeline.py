@@ -201,6 +201,7 @@ def prepare(options: Options, machine: hardware.Machine | None = None, on_progre
         vae_in_its_dtype(pipe, vae_dtype)
     run = Run(options, family, machine, dtype, vae_dtype, pipe=pipe, model_name=name,
               sampler=set_scheduler(pipe, family, options.sampling.scheduler))
+    must_step_through(pipe.scheduler, options.sampling.scheduler, options.sampling.steps)
     mode, note = speed.compile_mode(speed_options.compile_mode, machine.device)
     run.speed = {"compile": mode if speed_options.compile else None,
                  "compile_vae": mode if speed_options.compile_vae else None,
@@ -263,6 +264,34 @@ def set_scheduler(pipe, family: families.Family, name: str) -> str:
         if c == cls_name and bool(overrides.get("use_karras_sigmas", False)) == karras:
             return sampler
     return cls_name
+
+
+def first_timestep_repeats(scheduler, steps: int) -> bool:
+    """Whether `scheduler`'s first timestep at `steps` steps comes again. diffusers' schedulers find their first
+    step by its timestep and take the second match where there are two (right for Heun, whose steps come in
+    pairs), so a scheduler of one timestep per step then skips a step and runs past its end: IndexError or
+    AssertionError at the last step. Seen with DPM++ 2M Karras on the shapes model's zero-terminal-SNR schedule
+    from 21 steps on (Karras sigmas crowd at its top). False where it can't say without the pipeline's own arguments (Flux's dynamic
+    shift needs the image's size)."""
+    import copy
+
+    scheduler = copy.deepcopy(scheduler)  # set_timesteps keeps state; the pipeline's own call sets it afresh
+    try:
+        scheduler.set_timesteps(steps)
+    except (TypeError, ValueError):
+        return False
+    timesteps = scheduler.timesteps.tolist()
+    return len(timesteps) == steps and timesteps.count(timesteps[0]) > 1
+
+
+def must_step_through(scheduler, name: str, steps: int) -> None:
+    """Refuse, before anything runs, a scheduler that would fail at its last step (`first_timestep_repeats`)."""
+    if not first_timestep_repeats(scheduler, steps):
+        return
+    fewer = next((n for n in range(steps - 1, 0, -1) if not first_timestep_repeats(scheduler, n)), None)
+    hint = f"; it runs at --steps {fewer} or fewer" if fewer else ""
+    raise SdcliError(f"--scheduler {name} gives this model's noise schedule its first timestep twice in {steps} "
+                     f"steps, and diffusers would step past its end: choose another --scheduler{hint}")
 
 
 def generate(run: Run, items: list[Item] | None = None, on_step=None, on_image=None, skip=frozenset(),

@@ -160,6 +160,17 @@ def test_scheduler_negative_prompt_and_size(cli, tmp_path):
     assert pixels(data["images"][0]["file"]).shape == (96, 64, 3)
 
 
+def test_a_scheduler_that_would_fail_at_its_last_step_is_refused_before_it_starts(cli, tmp_path):
+    """DPM++ 2M Karras on the shapes model's zero-terminal-SNR schedule: from 21 steps diffusers meets its first
+    timestep twice and fails at the last step (IndexError); refused up front, saying the steps that run."""
+    args = ("generate", "a red circle on a blue background", "-m", "shapes", "--scheduler", "dpm++2m-karras",
+            "--backend", "sdpa", "-o", tmp_path)
+    result = cli(*args, "--steps", "21", code=2)
+    assert "--scheduler dpm++2m-karras gives this model's noise schedule its first timestep twice" in result.stderr
+    assert "it runs at --steps 20 or fewer" in result.stderr and not list(tmp_path.glob("*.png"))
+    assert len(cli.json(*args, "--steps", "20")["images"]) == 1
+
+
 def test_folder_model_loads_like_a_real_checkpoint(cli, tmp_path):
     from sdcli.models import tiny
 
