@@ -44,6 +44,9 @@ step() {
   ((left < cap)) && cap=$left
   if ((cap < 15)); then echo "[$part] $name: skipped, out of time: $*" >> "$out/commands.txt"; pack; return; fi
   timeout --signal=INT --kill-after=15 "$cap" "$@" 2>> "$out/$name.log"; code=$?
+  # a step killed while inductor wrote a kernel leaves an empty .so that fails every later compile of that graph
+  ((code == 124 || code == 137)) && find "${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/torchinductor_$(id -un)}" \
+    -name '*.so' -size 0 -delete 2>/dev/null
   local verdict=$([[ $code == "$expect" ]] && echo ok || echo "NOT $expect")
   echo "[$part] $name: exit $code ($verdict), $((SECONDS - begin)) s of $cap: $*" >> "$out/commands.txt"
   pack
