@@ -30,14 +30,15 @@ def test_readme_example_runs_as_written_and_counts_what_the_cli_counts(cli, tmp_
     scope = {}
     exec(compile(readme_example(), "README.md", "exec"), scope)
     plan, pipe = scope["plan"], scope["pipe"]
-    steps = int(re.search(r"num_inference_steps=(\d+)", readme_example()).group(1))
+    model, prompt, steps = re.search(r'load\("(.+?)"\).*?pipe\("(.+?)", num_inference_steps=(\d+)\)', readme_example(),
+                                     re.S).groups()
     assert str(plan.served()) in capsys.readouterr().out
     layers = plan.served()["layers"]
     assert plan.served()["backends"] and not any(b == "sdpa-math" for b in plan.served()["backends"])
     assert [type(p).__name__ for p in pipe.unet.attn_processors.values()] == ["AttnProcessor2_0"] * len(pipe.unet.attn_processors)
 
     # the same run through the CLI: the same layers, each called as often (auto's choice per shape is timed)
-    data = cli.json("generate", "a lighthouse", "-m", "tiny", "--steps", steps, "--seed", 0, "-o", tmp_path)
+    data = cli.json("generate", prompt, "-m", model, "--steps", steps, "--seed", 0, "-o", tmp_path)
     by_cli = {l["layer"]: sum(l["calls"].values()) for l in data["attention"]["layers"]}
     assert {name: sum(calls.values()) for name, calls in layers.items()} == by_cli
 
