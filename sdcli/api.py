@@ -138,9 +138,8 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
                              'backend="auto" picks among them)')
     try:
         return Plan(pipe, routing.route(pipe, router))
-    except RoutingError as exc:  # routing's words are the CLI's; the API has parameters, not options
-        text = str(exc).replace("Use --backend auto, or add --fallback", 'Use backend="auto", or fallback=True')
-        raise SdcliError(text) from None
+    except RoutingError as exc:  # said with parameters, not options
+        raise SdcliError(exc.said_to("api")) from None
 
 
 def unroute(pipe) -> None:

@@ -33,9 +33,18 @@ class UnknownBackend(SdcliError):
 
 
 class RoutingError(SdcliError):
-    """A backend that can't serve a layer it was named for, or no backend that can."""
+    """A backend that can't serve a layer it was named for, or no backend that can. `remedy`: what to change, as
+    the command line says it and as the Python API does; the message is the command line's."""
 
     exit_code = 1
+
+    def __init__(self, message: str, remedy: tuple[str, str] | None = None):
+        self.problem, self.remedy = message, remedy
+        super().__init__(self.said_to("cli"))
+
+    def said_to(self, who: str) -> str:
+        """The message with its remedy in the words of `who`: "cli" (options) or "api" (parameters)."""
+        return f"{self.problem}. {self.remedy[who == 'api']}" if self.remedy else self.problem
 
 
 class RunFailed(SdcliError):

@@ -334,8 +334,9 @@ class Router:
 
     def _cannot_serve(self, layer: Layer, backend: str, reason: str) -> RoutingError:
         return RoutingError(f"backend {backend} can't serve layer {layer.name} "
-                            f"({layer.attention}-attention, {layer.heads}×{layer.head_dim} {layer.dtype}): {reason}. "
-                            "Use --backend auto, or add --fallback to let other backends take such layers")
+                            f"({layer.attention}-attention, {layer.heads}×{layer.head_dim} {layer.dtype}): {reason}",
+                            remedy=("Use --backend auto, or add --fallback to let other backends take such layers",
+                                    'Use backend="auto", or fallback=True to let other backends take such layers'))
 
     # ----- the hot path -------------------------------------------------------------------------------
 
