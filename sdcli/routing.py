@@ -26,6 +26,7 @@ import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -300,11 +301,8 @@ class Router:
             if verdict.usable:
                 layer.planned = backend.name
                 return
-            layer.refused[backend.name] = verdict.reason
-            if self.strict:
-                raise self._cannot_serve(layer, backend.name, verdict.reason)
-        raise RoutingError(f"no backend can serve layer {layer.name} ({shape}): "
-                           + "; ".join(f"{b}: {r}" for b, r in layer.refused.items()))
+            self._refuse(layer, backend, verdict.reason)
+        raise self._no_backend(layer, f"({shape})")
 
     def plan_module(self, name: str, module) -> Layer:
         """The layer of an attention module: heads and head dim from the module where it says (diffusers'
@@ -331,6 +329,16 @@ class Router:
     def _machine(self, device) -> Machine:
         where = str(device)
         return self.machine if where == self.machine.device else Machine(self.machine.report, where)
+
+    def _refuse(self, layer: Layer, backend: Backend, reason: str) -> None:
+        """`backend` can't take `layer` (at a shape): noted, and the end of a strict request."""
+        layer.refused.setdefault(backend.name, reason)
+        if self.strict:
+            raise self._cannot_serve(layer, backend.name, reason)
+
+    def _no_backend(self, layer: Layer, where: str) -> RoutingError:
+        return RoutingError(f"no backend can serve layer {layer.name} {where}: "
+                            + "; ".join(f"{b}: {r}" for b, r in layer.refused.items()))
 
     def _cannot_serve(self, layer: Layer, backend: str, reason: str) -> RoutingError:
         return RoutingError(f"backend {backend} can't serve layer {layer.name} "
@@ -363,30 +371,31 @@ class Router:
         q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v)) if bhsd else (q, k, v)  # (batch, seq, heads, dim)
         shape = layer.shape_of(q4, k4, mask)
         layer.shapes.add(shape)
-        machine = self._machine(q.device)
+        for backend in self._passing(layer, shape, self._machine(q.device)):
+            try:
+                choice = eager_calls(backend, q4, k4, v4, mask)
+                out = (choice.bhsd if bhsd else choice.bshd)(q, k, v, mask, scale)
+            except Exception as exc:
+                if out_of_memory(exc):
+                    raise  # a full device is not the kernel's fault; the caller decides (bench searches batch sizes)
+                self._refuse(layer, backend, f"the kernel failed: {error_line(exc)} (at {shape})")
+            else:
+                layer.routes[(shape.q_len, shape.kv_len, shape.mask, q.dtype)] = choice
+                if backend.diffusers_name == "native":
+                    layer.kernels[backend.name] = sdpa_kernel_choice(q4, k4, v4, mask)
+                if self.counting:
+                    layer.calls[backend.name] += 1
+                return out
+        raise self._no_backend(layer, f"at {shape}")
+
+    def _passing(self, layer: Layer, shape: Shape, machine: Machine):
+        """The candidates for `shape` whose checks pass, in order; each that fails is refused on the way."""
         for backend in self._candidates(layer, shape, machine):
             verdict = backend.verdict(machine, shape)
-            reason = verdict.reason
             if verdict.usable:
-                try:
-                    choice = eager_calls(backend, q4, k4, v4, mask)
-                    out = (choice.bhsd if bhsd else choice.bshd)(q, k, v, mask, scale)
-                except Exception as exc:
-                    if out_of_memory(exc):
-                        raise  # a full device is not the kernel's fault; the caller decides (bench searches batch sizes)
-                    reason = f"the kernel failed: {error_line(exc)}"
-                else:
-                    layer.routes[(shape.q_len, shape.kv_len, shape.mask, q.dtype)] = choice
-                    if backend.diffusers_name == "native":
-                        layer.kernels[backend.name] = sdpa_kernel_choice(q4, k4, v4, mask)
-                    if self.counting:
-                        layer.calls[backend.name] += 1
-                    return out
-            layer.refused.setdefault(backend.name, f"{reason} (at {shape})")
-            if self.strict:
-                raise self._cannot_serve(layer, backend.name, f"{reason} (at {shape})")
-        raise RoutingError(f"no backend can serve layer {layer.name} at {shape}: "
-                           + "; ".join(f"{b}: {r}" for b, r in layer.refused.items()))
+                yield backend
+            else:
+                self._refuse(layer, backend, f"{verdict.reason} (at {shape})")
 
     def _candidates(self, layer: Layer, shape: Shape, machine: Machine) -> list[Backend]:
         """The chain from the layer's plan on, with the measured fastest for this shape first."""
@@ -408,13 +417,7 @@ class Router:
                                           str(q.device))
         if self.counting:
             self.graph_counts[slot].add_(1)
-        call = backends.get(backend_name).call
-        if not bhsd:
-            return call(q, k, v, attn_mask=mask, scale=scale)
-        if mask is not None and mask.ndim == 2:  # SDPA's (q, kv) mask, as the dispatcher's layout needs it
-            mask = mask[None, None]
-        out = call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
-        return out.transpose(1, 2)
+        return own_call(backends.get(backend_name).call, q, k, v, mask, scale, bhsd)
 
     def trace_route(self, name: str, index: int, heads: int, head_dim: int, q_len: int, kv_len: int, masked: bool,
                     dtype, device: str) -> tuple[str, int]:
@@ -424,22 +427,9 @@ class Router:
         route = layer.routes.get((q_len, kv_len, masked, dtype))
         shape = Shape(heads, head_dim, q_len, kv_len, dtype_name(dtype), masked)
         layer.shapes.add(shape)
-        if route is not None:
-            backend = route.backend
-        else:
-            machine = self._machine(device)
-            backend = None
-            for candidate in self._candidates(layer, shape, machine):
-                verdict = candidate.verdict(machine, shape)
-                if verdict.usable:
-                    backend = candidate
-                    break
-                layer.refused.setdefault(candidate.name, f"{verdict.reason} (at {shape})")
-                if self.strict:
-                    raise self._cannot_serve(layer, candidate.name, f"{verdict.reason} (at {shape})")
-            if backend is None:
-                raise RoutingError(f"no backend can serve layer {layer.name} at {shape}: "
-                                   + "; ".join(f"{b}: {r}" for b, r in layer.refused.items()))
+        backend = route.backend if route is not None else next(self._passing(layer, shape, self._machine(device)), None)
+        if backend is None:
+            raise self._no_backend(layer, f"at {shape}")
         backend.call  # resolved now, eagerly: dynamo can't trace the lock a cached_property takes the first time
         if backend.name not in layer.graph_slots:
             if self.graph_slots_used == GRAPH_SLOTS:
@@ -587,6 +577,22 @@ def _sdpa(q, k, v, mask, scale):
     return _SDPA(q, k, v, attn_mask=mask, scale=scale)
 
 
+def own_call(call, q, k, v, mask, scale, bhsd: bool):
+    """A backend's own function, which takes the dispatcher's layout (batch, seq, heads, head_dim), on q/k/v laid
+    out either way (`bhsd`: as torch's SDPA takes them)."""
+    if not bhsd:
+        return call(q, k, v, attn_mask=mask, scale=scale)
+    if mask is not None and mask.ndim == 2:  # SDPA's (q, kv) mask, in the shape the other layout broadcasts
+        mask = mask[None, None]
+    return call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+def on_bshd(sdpa_call):
+    """An SDPA call (q, k, v, mask, scale) for q/k/v in the dispatcher's layout: the two differ by dims 1 and 2."""
+    return lambda q, k, v, mask, scale: sdpa_call(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2)
+
+
 def eager_calls(backend: Backend, q, k, v, mask) -> Choice:
     """The cheapest eager calls that run `backend`'s kernel on tensors like these ((batch, seq, heads, head_dim)).
 
@@ -596,14 +602,7 @@ def eager_calls(backend: Backend, q, k, v, mask) -> Choice:
     it without any switch; otherwise only the kernels SDPA would pick first are switched off around it. torch's
     own chooser (torch._fused_sdp_choice) says which those are and confirms the kernel, once per route. Every
     other backend gets its own function, in the dispatcher's layout."""
-    own = backend.call
-    bshd = lambda q, k, v, mask, scale: own(q, k, v, attn_mask=mask, scale=scale)  # noqa: E731
-
-    def bhsd(q, k, v, mask, scale):
-        if mask is not None and mask.ndim == 2:  # SDPA's (q, kv) mask, in the shape the other layout broadcasts
-            mask = mask[None, None]
-        return own(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale).transpose(1, 2)
-
+    bhsd, bshd = partial(own_call, backend.call, bhsd=True), partial(own_call, backend.call, bhsd=False)
     if backend.diffusers_name == "native":
         return Choice(backend, _sdpa, bshd)
     kernel = SDPA_KERNELS.get(backend.diffusers_name)
@@ -623,8 +622,7 @@ def eager_calls(backend: Backend, q, k, v, mask) -> Choice:
         for switch in switches:
             switch(True)
     if not switches:
-        return Choice(backend, _sdpa, lambda q, k, v, mask, scale: _sdpa(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2))
+        return Choice(backend, _sdpa, on_bshd(_sdpa))
 
     def switched(q, k, v, mask, scale):
         for switch in switches:
@@ -635,8 +633,7 @@ def eager_calls(backend: Backend, q, k, v, mask) -> Choice:
             for switch in switches:
                 switch(True)
 
-    return Choice(backend, switched, lambda q, k, v, mask, scale: switched(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale).transpose(1, 2))
+    return Choice(backend, switched, on_bshd(switched))
 
 
 # diffusers' single-kernel SDPA backends -> torch's number for that kernel; that number -> the kernel's switch
