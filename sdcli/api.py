@@ -133,8 +133,7 @@ def route(pipe, backend: str = AUTO, fallback: bool = False, quantized: bool = F
     if backend != AUTO:
         verdict = backends.get(backend).verdict(machine(device))
         if not verdict.usable:
-            raise SdcliError(f"backend {backend!r} can't run here ({verdict.status}): {verdict.reason}"
-                             + (f"; fix: {verdict.fix}" if verdict.fix else "") + ' (sdcli.doctor() lists what can; '
+            raise SdcliError(f"backend {backend!r} {verdict.refusal()} (sdcli.doctor() lists what can; "
                              'backend="auto" picks among them)')
     try:
         return Plan(pipe, routing.route(pipe, router))

@@ -77,6 +77,10 @@ class Verdict:
     def usable(self) -> bool:
         return self.status == USABLE
 
+    def refusal(self) -> str:
+        """Why it can't run here at all, and the fix, as a refusal says it."""
+        return f"can't run here ({self.status}): {self.reason}" + (f"; fix: {self.fix}" if self.fix else "")
+
 
 # ----- checks: each returns None (fine) or a Refusal. `m` is a hardware.Machine ---------------------------------
 

@@ -143,9 +143,7 @@ def check_runs_here(name: str, machine: hardware.Machine, option: str = "--backe
     loads, with doctor's reason and fix (--fallback is for the layers it can't take, not for all of them)."""
     verdict = backends.get(name).verdict(machine)
     if not verdict.usable:
-        fix = f"; fix: {verdict.fix}" if verdict.fix else ""
-        raise SdcliError(f"{option} {name} can't run here ({verdict.status}): {verdict.reason}{fix} "
-                         "(sdcli doctor lists what can)")
+        raise SdcliError(f"{option} {name} {verdict.refusal()} (sdcli doctor lists what can)")
 
 
 def resolve(options: Options) -> Options:
