@@ -269,8 +269,8 @@ def first_timestep_repeats(scheduler, steps: int) -> bool:
     step by its timestep and take the second match where there are two (right for Heun, whose steps come in
     pairs), so a scheduler of one timestep per step then skips a step and runs past its end: IndexError or
     AssertionError at the last step. Seen with DPM++ 2M Karras on the shapes model's zero-terminal-SNR schedule
-    from 21 steps on (Karras sigmas crowd at its top). False where it can't say without the pipeline's own arguments (Flux's dynamic
-    shift needs the image's size)."""
+    from 21 steps on (Karras sigmas crowd at its top). False where it can't say without the pipeline's own
+    arguments (Flux's dynamic shift needs the image's size)."""
     import copy
 
     scheduler = copy.deepcopy(scheduler)  # set_timesteps keeps state; the pipeline's own call sets it afresh
